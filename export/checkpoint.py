@@ -1,0 +1,115 @@
+"""Reading a diffusers-format ACE-Step 1.5 checkpoint (what ``AceStepPipeline.save_pretrained`` writes).
+
+``inspect_checkpoint`` only reads JSON, so a wrong directory is refused before torch is imported.
+Components are loaded one at a time so that a full-size export never holds every network at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from acestep_trt.runtime.errors import CheckpointError
+from acestep_trt.runtime.specs import ModelConfig
+
+log = logging.getLogger(__name__)
+
+REQUIRED = {
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer.json",
+    "transformer": "config.json",
+    "condition_encoder": "config.json",
+    "vae": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path.parent} is not an ACE-Step 1.5 checkpoint: {path.name} is missing.",
+            "point to a directory written by AceStepPipeline.save_pretrained (it holds model_index.json).",
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}).", "re-download or re-save the checkpoint.") from None
+
+
+def inspect_checkpoint(model_dir: str | Path) -> ModelConfig:
+    """Validate the layout of ``model_dir`` and return its :class:`ModelConfig` (no torch needed)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a directory.", "pass the checkpoint directory.")
+    index = _read_json(model_dir / "model_index.json")
+    if index.get("_class_name") != "AceStepPipeline":
+        raise CheckpointError(
+            f"{model_dir} holds a {index.get('_class_name')!r} pipeline, not AceStepPipeline.",
+            "export an ACE-Step 1.5 checkpoint in diffusers format.",
+        )
+    for sub, fname in REQUIRED.items():
+        if not (model_dir / sub / fname).is_file():
+            raise CheckpointError(
+                f"{model_dir} has no {sub}/{fname}.", "re-save the pipeline with AceStepPipeline.save_pretrained."
+            )
+    text = _read_json(model_dir / "text_encoder" / "config.json")
+    dit = _read_json(model_dir / "transformer" / "config.json")
+    cond = _read_json(model_dir / "condition_encoder" / "config.json")
+    vae = _read_json(model_dir / "vae" / "config.json")
+    latent = int(dit.get("audio_acoustic_hidden_dim", 64))
+    return ModelConfig(
+        text_hidden=int(text["hidden_size"]),
+        vocab_size=int(text["vocab_size"]),
+        cond_hidden=int(cond.get("hidden_size", 2048)),
+        dit_hidden=int(dit.get("hidden_size", 2048)),
+        latent_channels=latent,
+        context_channels=int(dit.get("in_channels", 192)) - latent,
+        timbre_channels=int(cond.get("timbre_hidden_dim", 64)),
+        patch_size=int(dit.get("patch_size", 2)),
+        sliding_window=int(dit.get("sliding_window", 128)),
+        sample_rate=int(vae.get("sampling_rate", 48000)),
+        hop_length=int(math.prod(vae.get("downsampling_ratios", [2, 4, 4, 6, 10]))),
+        audio_channels=int(vae.get("audio_channels", 2)),
+        is_turbo=bool(dit.get("is_turbo", False) or dit.get("model_version") == "turbo"),
+        silence_frames=15000,
+    )
+
+
+def scheduler_config(model_dir: str | Path) -> dict:
+    """The checkpoint's scheduler config (the runtime mirrors shift and num_train_timesteps)."""
+    return _read_json(Path(model_dir) / "scheduler" / "scheduler_config.json")
+
+
+def load_component(model_dir: str | Path, name: str):
+    """Load one network in float32, eval mode. ``name`` is a pipeline component name."""
+    import torch
+
+    model_dir = Path(model_dir)
+    sub = model_dir / name
+    try:
+        if name == "text_encoder":
+            from transformers import AutoModel
+
+            module = AutoModel.from_pretrained(sub, dtype=torch.float32)
+        elif name == "transformer":
+            from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+
+            module = AceStepTransformer1DModel.from_pretrained(sub, torch_dtype=torch.float32)
+        elif name == "condition_encoder":
+            from diffusers.pipelines.ace_step.modeling_ace_step import AceStepConditionEncoder
+
+            module = AceStepConditionEncoder.from_pretrained(sub, torch_dtype=torch.float32)
+        elif name == "vae":
+            from diffusers import AutoencoderOobleck
+
+            module = AutoencoderOobleck.from_pretrained(sub, torch_dtype=torch.float32)
+        else:  # pragma: no cover - programming error
+            raise KeyError(name)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"could not load {name} from {sub}: {str(exc).splitlines()[0]}",
+            "check that the checkpoint's weights are complete (re-download or re-save it).",
+        ) from None
+    return module.eval()

@@ -1,0 +1,294 @@
+"""``acestep-trt export``: checkpoint -> validated artifact directory.
+
+Stages per graph: load the component, wrap it in its adapter, trace with ``torch.onnx.export(dynamo=True)``
+(external data, so full-size graphs need no 2 GB protobuf), name the symbolic dims after the spec,
+validate in ONNX Runtime against the upstream PyTorch module at off-trace shapes, free the module.
+Everything is written into a temporary sibling directory that replaces the target only on success,
+so a failed export never leaves a half-written artifact directory or touches an existing one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from acestep_trt.runtime import artifacts as art
+from acestep_trt.runtime.errors import InputError
+from acestep_trt.runtime.specs import (
+    CONDITION_ENCODER,
+    DIT_STEP,
+    GRAPH_NAMES,
+    TEXT_ENCODER,
+    VAE_DECODER,
+    GraphSpec,
+    ModelConfig,
+    all_specs,
+)
+
+from . import validate as val
+from .checkpoint import inspect_checkpoint, load_component, scheduler_config
+
+log = logging.getLogger(__name__)
+
+OPSET = 20
+DIM_MAX = {"batch": 256, "text_len": 4096, "lyric_len": 8192, "timbre_len": 1 << 16, "cond_len": 1 << 14,
+           "latent_len": 1 << 17}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class GraphRecipe:
+    """How to export one graph: which component, which adapter, which upstream call to compare with."""
+
+    component: str
+    adapter: Callable  # module -> nn.Module whose forward args are the spec's input names
+    reference: Callable  # (module, torch feeds) -> {output name: tensor}
+
+
+def _text_ref(module, feeds):
+    return {"text_hidden_states": module(input_ids=feeds["input_ids"]).last_hidden_state}
+
+
+def _cond_ref(module, feeds):
+    import torch
+
+    batch = feeds["timbre_latents"].shape[0]
+    states, mask = module(
+        text_hidden_states=feeds["text_hidden_states"],
+        text_attention_mask=feeds["text_attention_mask"],
+        lyric_hidden_states=feeds["lyric_hidden_states"],
+        lyric_attention_mask=feeds["lyric_attention_mask"],
+        refer_audio_acoustic_hidden_states_packed=feeds["timbre_latents"],
+        refer_audio_order_mask=torch.arange(batch),
+    )
+    return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+
+
+def _dit_ref(module, feeds):
+    out = module(
+        hidden_states=feeds["latents"],
+        timestep=feeds["timestep"],
+        timestep_r=feeds["timestep"],
+        encoder_hidden_states=feeds["encoder_hidden_states"],
+        context_latents=feeds["context_latents"],
+        return_dict=False,
+    )
+    return {"velocity": out[0]}
+
+
+def _vae_ref(module, feeds):
+    return {"audio": module.decode(feeds["latents"]).sample}
+
+
+def _recipes() -> dict[str, GraphRecipe]:
+    from .graphs.condition_encoder import ConditionEncoderAdapter
+    from .graphs.dit_step import DitStepAdapter
+    from .graphs.text_encoder import TextEncoderAdapter
+    from .graphs.vae_decoder import VaeDecoderAdapter
+
+    return {
+        TEXT_ENCODER: GraphRecipe("text_encoder", TextEncoderAdapter, _text_ref),
+        CONDITION_ENCODER: GraphRecipe("condition_encoder", ConditionEncoderAdapter, _cond_ref),
+        DIT_STEP: GraphRecipe("transformer", DitStepAdapter, _dit_ref),
+        VAE_DECODER: GraphRecipe("vae", VaeDecoderAdapter, _vae_ref),
+    }
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    comparisons: list = field(default_factory=list)
+
+
+def _to_torch(feeds: dict[str, np.ndarray]):
+    import torch
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+
+
+def trace_to_onnx(adapter, spec: GraphSpec, cfg: ModelConfig, path: Path) -> None:
+    """Export ``adapter`` to ``path`` (+ ``path.data``) with every symbolic dim of ``spec`` dynamic."""
+    import torch
+
+    feeds = _to_torch(val.make_inputs(spec, val.trace_dims(cfg), cfg, seed=1))
+    dims: dict[str, object] = {}
+    dynamic = tuple(
+        {axis: dims.setdefault(d, torch.export.Dim(d, min=1, max=DIM_MAX[d]))
+         for axis, d in enumerate(t.dims) if isinstance(d, str)}
+        for t in spec.inputs
+    )
+    with torch.no_grad():
+        program = torch.onnx.export(
+            adapter,
+            tuple(feeds[t.name] for t in spec.inputs),
+            dynamo=True,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(path), external_data=True)
+    del program
+    name_dims(path, spec)
+
+
+def name_dims(path: Path, spec: GraphSpec) -> None:
+    """Rename the exporter's symbolic dims (s0, s1...) after the spec, so the ONNX file states the contract."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for values, tensors in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
+        by_name = {t.name: t for t in tensors}
+        for value in values:
+            for dim, want in zip(value.type.tensor_type.shape.dim, by_name[value.name].dims):
+                if isinstance(want, str):
+                    dim.ClearField("dim_value")
+                    dim.dim_param = want
+    onnx.save(model, str(path))
+
+
+def validate_graph(module, recipe: GraphRecipe, spec: GraphSpec, cfg: ModelConfig, path: Path):
+    """Run the ONNX graph and the upstream module at each validation binding; return comparisons."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rows = []
+    for i, dims in enumerate(val.validation_dims(cfg)):
+        feeds = val.make_inputs(spec, dims, cfg, seed=10 + i)
+        got = dict(zip([o.name for o in spec.outputs], session.run(None, feeds)))
+        with torch.no_grad():
+            ref = {k: v.detach().numpy() for k, v in recipe.reference(module, _to_torch(feeds)).items()}
+        rows.extend(val.compare(spec, dims, got, ref))
+    del session
+    return rows
+
+
+def _prepare_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise InputError(
+                f"{out_dir} already exists and is not empty.",
+                "choose a new ARTIFACTS_DIR, or pass --overwrite to replace it.",
+            )
+
+
+def export_artifacts(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    validate: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExportReport:
+    """Export every graph of ``model_dir`` into ``out_dir``; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = inspect_checkpoint(model_dir)
+    _prepare_target(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    report = ExportReport(out_dir=out_dir)
+    try:
+        specs = all_specs(cfg)
+        recipes = _recipes()
+        extra: dict = {}
+        with tqdm(total=len(GRAPH_NAMES) + 1, desc="export", unit="graph", disable=not progress) as bar:
+            for name in GRAPH_NAMES:
+                bar.set_postfix_str(name)
+                started = time.perf_counter()
+                _export_one(model_dir, staging, name, recipes[name], specs[name], cfg, validate, report, extra)
+                report.seconds[name] = time.perf_counter() - started
+                bar.update()
+            bar.set_postfix_str("constants")
+            _write_side_files(model_dir, staging, extra)
+            bar.update()
+        _write_manifest(model_dir, staging, cfg, specs, report, extra)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _export_one(model_dir, staging, name, recipe, spec, cfg, validate, report, extra) -> None:
+    module = load_component(model_dir, recipe.component)
+    path = staging / f"{name}.onnx"
+    log.info("exporting %s", name)
+    trace_to_onnx(recipe.adapter(module), spec, cfg, path)
+    if validate:
+        rows = validate_graph(module, recipe, spec, cfg, path)
+        report.comparisons.extend(rows)
+        for row in rows:
+            log.info("%s", row.row())
+        val.raise_on_failure(rows)
+    _collect_constants(name, module, cfg, extra)
+    del module
+    gc.collect()
+
+
+def _collect_constants(name: str, module, cfg: ModelConfig, extra: dict) -> None:
+    """Keep the tensors the runtime needs from the module before it is freed."""
+    if name == TEXT_ENCODER:
+        from .graphs.text_encoder import lyric_embedding_table
+
+        extra["lyric_embedding"] = lyric_embedding_table(module).numpy()
+    elif name == CONDITION_ENCODER:
+        from .graphs.condition_encoder import constants
+
+        extra.update({k: v.numpy() for k, v in constants(module).items()})
+    elif name == VAE_DECODER:
+        from .graphs.vae_decoder import receptive_field
+
+        extra["vae_receptive_field"] = receptive_field(module, cfg.hop_length)
+
+
+def _write_side_files(model_dir: Path, staging: Path, extra: dict) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(extra[k]) for k in art.CONSTANT_NAMES}, str(staging / art.CONSTANTS))
+    tok_dir = staging / art.TOKENIZER_DIR
+    tok_dir.mkdir()
+    for fname in TOKENIZER_FILES:
+        src = model_dir / "tokenizer" / fname
+        if src.is_file():
+            shutil.copy2(src, tok_dir / fname)
+
+
+def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
+    import acestep_trt
+
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    graphs = {}
+    for name, spec in specs.items():
+        graphs[name] = {"onnx": f"{name}.onnx", "opset": OPSET, "precision": "fp32", "spec": spec.to_dict()}
+    manifest = {
+        "format_version": art.FORMAT_VERSION,
+        "toolkit_version": acestep_trt.__version__,
+        "created_unix": int(time.time()),
+        "source": {"model_dir": str(model_dir.resolve())},
+        "model": cfg.to_dict(),
+        "scheduler": scheduler_config(model_dir),
+        "vae": {"receptive_field_frames": int(extra["vae_receptive_field"])},
+        "graphs": graphs,
+        "validation": [
+            {"graph": r.graph, "output": r.output, "dims": r.dims, "max_abs": r.max_abs, "limit": r.bound, "ok": r.ok}
+            for r in report.comparisons
+        ],
+        "files": [art.file_record(staging, p) for p in files],
+    }
+    (staging / art.MANIFEST).write_text(json.dumps(manifest, indent=2))

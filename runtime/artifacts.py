@@ -1,0 +1,169 @@
+"""The artifact directory: what ``acestep-trt export`` writes and all the runtime needs.
+
+Layout::
+
+    manifest.json            format version, model config, scheduler config, graph specs, file hashes
+    text_encoder.onnx(.data) condition_encoder.onnx(.data) dit_step.onnx(.data) vae_decoder.onnx(.data)
+    constants.safetensors    silence_latent [1, 15000, 64], null_condition_emb [1, 1, H],
+                             lyric_embedding [vocab, text_hidden]
+    tokenizer/               tokenizer.json, tokenizer_config.json
+
+Every file is listed in the manifest with its size and SHA-256. Loading checks sizes always and hashes
+once per file version (the result is cached in ``.verified.json`` keyed by size and mtime when the
+directory is writable), so a truncated, replaced or corrupted file is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArtifactError
+from .specs import GRAPH_NAMES, GraphSpec, ModelConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONSTANTS = "constants.safetensors"
+TOKENIZER_DIR = "tokenizer"
+VERIFIED_CACHE = ".verified.json"
+CONSTANT_NAMES = ("silence_latent", "null_condition_emb", "lyric_embedding")
+
+_REEXPORT = "re-run `acestep-trt export MODEL_DIR ARTIFACTS_DIR --overwrite` to rebuild the artifacts."
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(root: Path, path: Path) -> dict:
+    """Manifest entry for one file: relative path, size and SHA-256."""
+    return {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+@dataclass
+class Artifacts:
+    """A loaded, verified artifact directory."""
+
+    root: Path
+    manifest: dict
+    config: ModelConfig
+    specs: dict[str, GraphSpec]
+
+    def graph_path(self, name: str) -> Path:
+        return self.root / self.manifest["graphs"][name]["onnx"]
+
+    @property
+    def scheduler(self) -> dict:
+        return self.manifest["scheduler"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / TOKENIZER_DIR
+
+    @property
+    def vae_receptive_field(self) -> int:
+        return int(self.manifest.get("vae", {}).get("receptive_field_frames", 16))
+
+    def load_constants(self) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        try:
+            data = load_file(str(self.root / CONSTANTS))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ArtifactError(f"{self.root / CONSTANTS} cannot be read ({exc}).", _REEXPORT) from None
+        missing = [n for n in CONSTANT_NAMES if n not in data]
+        if missing:
+            raise ArtifactError(f"{self.root / CONSTANTS} lacks {missing}.", _REEXPORT)
+        return data
+
+
+def read_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise ArtifactError(
+            f"artifact directory {root} does not exist.",
+            "create it with `acestep-trt export MODEL_DIR ARTIFACTS_DIR`, or pass the right path.",
+        )
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{root} has no {MANIFEST}: it is not an acestep-trt artifact directory.", _REEXPORT)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is corrupted ({exc}).", _REEXPORT) from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{root} has artifact format {version!r}; this toolkit reads format {FORMAT_VERSION}.", _REEXPORT
+        )
+    return manifest
+
+
+def _load_cache(root: Path) -> dict:
+    try:
+        return json.loads((root / VERIFIED_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(root: Path, cache: dict) -> None:
+    tmp = root / f"{VERIFIED_CACHE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, root / VERIFIED_CACHE)
+    except OSError:  # read-only artifact directory: verify again next time
+        tmp.unlink(missing_ok=True)
+
+
+def verify_files(root: Path, records: list[dict], full_hash: bool = True) -> None:
+    """Check that every recorded file exists with its size (and SHA-256 when ``full_hash``)."""
+    cache = _load_cache(root) if full_hash else {}
+    changed = False
+    for rec in records:
+        path = root / rec["path"]
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing from the artifact directory.", _REEXPORT)
+        stat = path.stat()
+        if stat.st_size != rec["bytes"]:
+            raise ArtifactError(
+                f"{path} has {stat.st_size} bytes, the manifest says {rec['bytes']}: the file is truncated or "
+                "was replaced.",
+                _REEXPORT,
+            )
+        if not full_hash:
+            continue
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}:{rec['sha256']}"
+        if cache.get(rec["path"]) == stamp:
+            continue
+        if sha256_file(path) != rec["sha256"]:
+            raise ArtifactError(f"{path} does not match its SHA-256 in the manifest: it is corrupted.", _REEXPORT)
+        cache[rec["path"]] = stamp
+        changed = True
+    if changed:
+        _save_cache(root, cache)
+
+
+def load_artifacts(root: str | Path, verify: bool = True) -> Artifacts:
+    """Read and verify an artifact directory. Raises :class:`ArtifactError` with the remedy."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    try:
+        config = ModelConfig.from_dict(manifest["model"])
+        specs = {name: GraphSpec.from_dict(manifest["graphs"][name]["spec"]) for name in GRAPH_NAMES}
+        records = list(manifest["files"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{root / MANIFEST} is incomplete (missing {exc}).", _REEXPORT) from None
+    verify_files(root, records, full_hash=verify)
+    return Artifacts(root=root, manifest=manifest, config=config, specs=specs)
