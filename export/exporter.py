@@ -120,6 +120,8 @@ def trace_to_onnx(adapter, spec: GraphSpec, cfg: ModelConfig, path: Path) -> Non
     """Export ``adapter`` to ``path`` (+ ``path.data``) with every symbolic dim of ``spec`` dynamic."""
     import torch
 
+    for noisy in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)  # torch sets its own levels; quiet the exporter
     feeds = _to_torch(val.make_inputs(spec, val.trace_dims(cfg), cfg, seed=1))
     dims: dict[str, object] = {}
     dynamic = tuple(

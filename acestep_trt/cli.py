@@ -1,0 +1,187 @@
+"""``acestep-trt`` command line. Errors become one line on stderr and a non-zero exit code, no traceback.
+
+Heavy imports (torch for export, onnxruntime for generate) happen inside the commands, so that
+``generate`` never imports torch and ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from acestep_trt.runtime.errors import AceStepError, InputError
+
+log = logging.getLogger("acestep_trt")
+
+
+class _Group(click.Group):
+    """Maps :class:`AceStepError` to its exit code with the message only."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AceStepError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("torch", "onnxscript", "onnx_ir", "httpx", "urllib3", "diffusers", "transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="acestep-trt")
+def main(verbose: bool) -> None:
+    """Export ACE-Step 1.5 to ONNX and generate music without PyTorch."""
+    _setup_logging(verbose)
+
+
+@main.command("export")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("artifacts_dir", type=click.Path(path_type=Path))
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Compare every graph with PyTorch in ONNX Runtime at off-trace shapes.")
+@click.option("--overwrite", is_flag=True, help="Replace ARTIFACTS_DIR if it exists.")
+def export_cmd(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: bool) -> None:
+    """Export MODEL_DIR (a diffusers AceStepPipeline checkpoint) to ARTIFACTS_DIR."""
+    from acestep_trt.export.checkpoint import inspect_checkpoint
+
+    inspect_checkpoint(model_dir)  # refuse a wrong directory before importing torch
+    report = _export(model_dir, artifacts_dir, validate, overwrite)
+    if report.comparisons:
+        from acestep_trt.export.validate import TABLE_HEADER
+
+        click.echo(TABLE_HEADER)
+        for row in report.comparisons:
+            click.echo(row.row())
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    click.echo(f"artifacts written to {artifacts_dir} ({stages})")
+
+
+def _export(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: bool):
+    import warnings
+
+    from acestep_trt.export.exporter import export_artifacts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_artifacts(model_dir, artifacts_dir, validate=validate, overwrite=overwrite)
+
+
+def _read_lyrics(lyrics: str | None, lyrics_file: Path | None) -> str:
+    if lyrics is not None and lyrics_file is not None:
+        raise InputError("both --lyrics and --lyrics-file were given.", "pass only one of them.")
+    if lyrics_file is None:
+        return lyrics or ""
+    try:
+        return lyrics_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read lyrics file {lyrics_file} ({exc.__class__.__name__}).",
+                         "pass an existing UTF-8 text file to --lyrics-file.") from None
+
+
+def _read_latents(path: Path | None):
+    import numpy as np
+
+    if path is None:
+        return None
+    if not path.is_file():
+        raise InputError(f"latents file {path} does not exist.", "pass an existing .npy file to --latents.")
+    try:
+        latents = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path} as a .npy array ({exc}).",
+                         "save the noise with numpy.save as float32 [1, T, 64] or [T, 64].") from None
+    return latents[None] if latents.ndim == 2 else latents
+
+
+@main.command("generate")
+@click.argument("artifacts_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Description of the music.")
+@click.option("--lyrics", default=None, help="Lyrics text ([verse], [chorus] tags allowed).")
+@click.option("--lyrics-file", type=click.Path(path_type=Path), default=None, help="Read the lyrics from a file.")
+@click.option("--duration", type=float, default=30.0, show_default=True, help="Seconds of audio.")
+@click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps (turbo: 8).")
+@click.option("--shift", type=float, default=3.0, show_default=True, help="Timestep schedule shift.")
+@click.option("--guidance-scale", type=float, default=7.0, show_default=True,
+              help="APG guidance for non-turbo checkpoints (ignored on turbo).")
+@click.option("--seed", type=int, default=None, help="Noise seed (NumPy PCG64); random if omitted.")
+@click.option("--latents", "latents_file", type=click.Path(path_type=Path), default=None,
+              help="Initial noise as .npy [1, T, 64] (overrides --seed).")
+@click.option("--language", default="en", show_default=True, help="Vocal language code of the lyrics.")
+@click.option("--bpm", type=int, default=None, help="Beats per minute.")
+@click.option("--keyscale", default=None, help='Key, e.g. "C major".')
+@click.option("--timesignature", default=None, help='Time signature, e.g. "4".')
+@click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Output .wav or .flac.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
+                 latents_file, language, bpm, keyscale, timesignature, backend, device, out_path, overwrite):
+    """Generate music from ARTIFACTS_DIR and write it to --out."""
+    from acestep_trt.runtime import AceStepRuntime
+    from acestep_trt.runtime.audio import check_output_path, write_audio
+
+    check_output_path(out_path, overwrite)
+    lyrics_text = _read_lyrics(lyrics, lyrics_file)
+    latents = _read_latents(latents_file)
+    AceStepRuntime._check_prompts(prompt)
+    AceStepRuntime._check_numbers(duration, steps, shift, guidance_scale, "text2music", "np", 0.0, 1.0, None)
+    started = time.perf_counter()
+    rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device)
+    load_s = time.perf_counter() - started
+    out = rt(prompt=prompt, lyrics=lyrics_text, audio_duration=duration, vocal_language=language,
+             num_inference_steps=steps, guidance_scale=guidance_scale, shift=shift, seed=seed, latents=latents,
+             bpm=bpm, keyscale=keyscale, timesignature=timesignature, show_progress=None)
+    write_audio(out_path, out.audios[0], out.sample_rate, overwrite)
+    times = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_s, **out.timings}.items())
+    seed_note = f", seed {out.seeds[0]}" if out.seeds else ""
+    click.echo(f"wrote {out_path} ({duration:g} s at {out.sample_rate} Hz{seed_note}; {times})")
+
+
+@main.command("demo")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("acestep-demo"), show_default=True)
+@click.option("--duration", type=float, default=10.0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace --out-dir if it exists.")
+def demo_cmd(out_dir: Path, duration: float, overwrite: bool) -> None:
+    """Tiny random checkpoint -> export -> generate a clip on CPU, timing each stage."""
+    from acestep_trt.export.tiny import save_tiny_checkpoint
+    from acestep_trt.runtime import AceStepRuntime
+    from acestep_trt.runtime.audio import write_audio
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"{out_dir} already exists and is not empty.", "pass --overwrite or another --out-dir.")
+    AceStepRuntime._check_numbers(duration, 8, 3.0, 1.0, "text2music", "np", 0.0, 1.0, None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+    started = time.perf_counter()
+    checkpoint = save_tiny_checkpoint(out_dir / "checkpoint")
+    stages["build tiny checkpoint"] = time.perf_counter() - started
+    started = time.perf_counter()
+    _export(checkpoint, out_dir / "artifacts", validate=True, overwrite=True)
+    stages["export + validate"] = time.perf_counter() - started
+    started = time.perf_counter()
+    rt = AceStepRuntime.load(out_dir / "artifacts", backend="ort", device="cpu")
+    out = rt(prompt="upbeat electronic dance track with piano", lyrics="[verse]\nSoft notes in the morning light",
+             audio_duration=duration, guidance_scale=1.0, seed=42, bpm=120, keyscale="C major", timesignature="4", show_progress=None)
+    stages["generate (load + run)"] = time.perf_counter() - started
+    wav = write_audio(out_dir / "demo.wav", out.audios[0], out.sample_rate, overwrite=True)
+    click.echo(f"checkpoint: {checkpoint}")
+    click.echo(f"artifacts:  {out_dir / 'artifacts'}")
+    click.echo(f"audio:      {wav} ({duration:g} s, {out.sample_rate} Hz, {out.audios.shape[1]} channels)")
+    for name, seconds in stages.items():
+        click.echo(f"  {name:<24} {seconds:7.2f} s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,309 @@
+"""``AceStepRuntime``: text-to-music from an artifact directory, without PyTorch.
+
+The call mirrors ``AceStepPipeline.__call__`` (same keyword names and meaning) for the text2music task:
+format and tokenise, text encoder, lyric embedding lookup, condition encoder with the silence latent
+as timbre reference, flow-matching Euler loop over ``dit_step`` (APG guidance on non-turbo checkpoints),
+windowed VAE decode, -1 dBFS peak normalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import scheduler as sched
+from .artifacts import Artifacts, load_artifacts
+from .backends import resolve_backend
+from .errors import InputError
+from .prompt import TEXT2MUSIC_INSTRUCTION, format_prompt
+from .specs import CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, TEXT_ENCODER, VAE_DECODER
+from .tokenizer import TextTokenizer
+from .vae import decode_windowed, normalize_peak
+
+log = logging.getLogger(__name__)
+
+TIMBRE_SECONDS = 30  # the pipeline feeds silence_latent[:, :ceil(30 * 25)] to the timbre encoder
+DEFAULT_VAE_WINDOW = 256  # latent frames per decoded window core (~10 s)
+
+
+@dataclass
+class AceStepOutput:
+    """``audios`` [B, channels, samples] float32 (or latents [B, T, 64] for ``output_type="latent"``)."""
+
+    audios: np.ndarray
+    sample_rate: int
+    seeds: list[int] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _as_list(value, batch: int, name: str) -> list:
+    """Broadcast a str (or None) to ``batch`` items, or check a list's length."""
+    if value is None or isinstance(value, str):
+        return [value] * batch
+    if isinstance(value, (list, tuple)) and len(value) == batch:
+        return list(value)
+    raise InputError(f"`{name}` must be a string or a list of {batch} strings.", f"pass one {name} per prompt.")
+
+
+def _finite_positive(value, name: str, kind=float) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or (kind is int and int(value) != value):
+        what = "a positive integer" if kind is int else "a positive finite number"
+        raise InputError(f"`{name}` must be {what}, got {value!r}.", f"pass {name} as {what}.")
+
+
+class AceStepRuntime:
+    """Loaded graphs + constants + tokenizer of one artifact directory. Use :meth:`load`."""
+
+    def __init__(self, artifacts: Artifacts, runners: dict, backend: str, device: str, vae_window: int):
+        self.artifacts = artifacts
+        self.config = artifacts.config
+        self.runners = runners
+        self.backend = backend
+        self.device = device
+        self.vae_window = vae_window
+        self.tokenizer = TextTokenizer(artifacts.tokenizer_dir)
+        self.constants = artifacts.load_constants()
+        sched.check_scheduler_config(artifacts.scheduler)
+
+    @classmethod
+    def load(
+        cls,
+        artifacts_dir: str | Path,
+        backend: str = "auto",
+        device: str = "cpu",
+        verify: bool = True,
+        vae_window: int = DEFAULT_VAE_WINDOW,
+        threads: int | None = None,
+    ) -> "AceStepRuntime":
+        """Verify ``artifacts_dir`` and open every graph on ``backend``/``device``."""
+        from .backends.ort import OrtGraph, check_device
+
+        kind = resolve_backend(backend, device)
+        if kind == "ort":
+            check_device(device)
+        _finite_positive(vae_window, "vae_window", int)
+        artifacts = load_artifacts(artifacts_dir, verify=verify)
+        runners = {
+            name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device, threads) for name in GRAPH_NAMES
+        }
+        return cls(artifacts, runners, kind, device, int(vae_window))
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_prompt(self, prompts, lyrics, languages, audio_duration, instruction, bpm, keyscale, timesignature,
+                      max_text_length=256, max_lyric_length=2048):
+        """Mirrors ``AceStepPipeline.encode_prompt``: text states via the text encoder, lyric states via lookup.
+
+        Returns text_hidden [B, S_t, D], text_mask [B, S_t], lyric_hidden [B, S_l, D], lyric_mask [B, S_l].
+        """
+        pairs = [
+            format_prompt(p, l, lang, audio_duration, instruction, bpm, keyscale, timesignature)
+            for p, l, lang in zip(prompts, lyrics, languages)
+        ]
+        text = self.tokenizer([t for t, _ in pairs], max_text_length)
+        lyric = self.tokenizer([ly for _, ly in pairs], max_lyric_length)
+        text_hidden = self.runners[TEXT_ENCODER].run({"input_ids": text.input_ids})["text_hidden_states"]
+        lyric_hidden = np.take(self.constants["lyric_embedding"], lyric.input_ids, axis=0)
+        return text_hidden, text.attention_mask, lyric_hidden, lyric.attention_mask
+
+    def silence_latents(self, frames: int, batch: int) -> np.ndarray:
+        """Silence latent tiled/cropped to ``frames`` (``prepare_src_latents``). [B, frames, 64]."""
+        silence = self.constants["silence_latent"]  # [1, L, 64]
+        reps = -(-frames // silence.shape[1])
+        tiled = np.tile(silence, (1, reps, 1))[:, :frames, :]
+        return np.ascontiguousarray(np.broadcast_to(tiled, (batch,) + tiled.shape[1:]), dtype=np.float32)
+
+    def encode_condition(self, text_hidden, text_mask, lyric_hidden, lyric_mask) -> np.ndarray:
+        """Condition encoder with the silence latent as timbre reference. -> [B, C, cond_hidden]."""
+        batch = text_hidden.shape[0]
+        timbre = self.silence_latents(math.ceil(TIMBRE_SECONDS * self.config.latents_per_second), batch)
+        out = self.runners[CONDITION_ENCODER].run({
+            "text_hidden_states": text_hidden.astype(np.float32),
+            "text_attention_mask": text_mask,
+            "lyric_hidden_states": lyric_hidden.astype(np.float32),
+            "lyric_attention_mask": lyric_mask,
+            "timbre_latents": timbre,
+        })
+        return out["encoder_hidden_states"]
+
+    def velocity(self, latents, t, condition, context) -> np.ndarray:
+        """One ``dit_step``: [B, T, 64] -> [B, T, 64]."""
+        timestep = np.full((latents.shape[0],), t, dtype=np.float32)
+        feeds = {"latents": latents, "timestep": timestep, "encoder_hidden_states": condition,
+                 "context_latents": context}
+        return self.runners[DIT_STEP].run(feeds)["velocity"]
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents [B, T, 64] -> audio [B, 2, T * hop], decoded in overlapping windows."""
+        runner = self.runners[VAE_DECODER]
+        overlap = self.artifacts.vae_receptive_field + 2
+        return decode_windowed(
+            lambda z: runner.run({"latents": z})["audio"],
+            np.ascontiguousarray(latents.transpose(0, 2, 1)),
+            self.config.hop_length,
+            self.vae_window,
+            overlap,
+        )
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str] = None,
+        lyrics: str | Sequence[str] = "",
+        audio_duration: float | None = 60.0,
+        vocal_language: str | Sequence[str] = "en",
+        num_inference_steps: int = 8,
+        guidance_scale: float = 7.0,
+        shift: float = 3.0,
+        seed: int | Sequence[int] | None = None,
+        latents: np.ndarray | None = None,
+        output_type: str = "np",
+        instruction: str | None = None,
+        max_text_length: int = 256,
+        max_lyric_length: int = 2048,
+        bpm: int | None = None,
+        keyscale: str | None = None,
+        timesignature: str | None = None,
+        task_type: str = "text2music",
+        cfg_interval_start: float = 0.0,
+        cfg_interval_end: float = 1.0,
+        timesteps: Sequence[float] | None = None,
+        show_progress: bool | None = None,
+    ) -> AceStepOutput:
+        """Generate audio; see ``AceStepPipeline.__call__`` for the meaning of each argument.
+
+        ``seed`` replaces diffusers' torch ``generator``: noise is drawn with NumPy's PCG64
+        (``np.random.default_rng(seed).standard_normal``), one generator per item when a list is given.
+        It does not reproduce torch's random stream; pass ``latents`` [B, T, 64] for bit-compatible noise.
+        """
+        from tqdm.auto import tqdm
+
+        prompts = self._check_prompts(prompt)
+        batch = len(prompts)
+        lyrics_list = _as_list(lyrics if lyrics is not None else "", batch, "lyrics")
+        languages = _as_list(vocal_language, batch, "vocal_language")
+        audio_duration = 60.0 if audio_duration is None else audio_duration
+        self._check_numbers(audio_duration, num_inference_steps, shift, guidance_scale, task_type, output_type,
+                            cfg_interval_start, cfg_interval_end, timesteps)
+        if instruction is None:
+            instruction = TEXT2MUSIC_INSTRUCTION
+        timings: dict[str, float] = {}
+
+        started = time.perf_counter()
+        text_h, text_m, lyric_h, lyric_m = self.encode_prompt(
+            prompts, lyrics_list, languages, audio_duration, instruction, bpm, keyscale, timesignature,
+            max_text_length, max_lyric_length,
+        )
+        condition = self.encode_condition(text_h, text_m, lyric_h, lyric_m)
+        timings["encode"] = time.perf_counter() - started
+
+        frames = self.config.latent_length(audio_duration)
+        context = np.concatenate(
+            [self.silence_latents(frames, batch), np.ones((batch, frames, self.config.latent_channels), np.float32)],
+            axis=-1,
+        )  # [B, T, 128]: source latents + chunk mask (all ones for text2music)
+        noise, seeds = self._initial_latents(latents, seed, batch, frames)
+
+        do_cfg = guidance_scale > 1.0 and not self.config.is_turbo
+        if guidance_scale > 1.0 and self.config.is_turbo:
+            log.debug("guidance_scale %s is ignored for turbo (guidance-distilled) checkpoints", guidance_scale)
+        null = np.broadcast_to(self.constants["null_condition_emb"], condition.shape).astype(np.float32)
+
+        schedule = sched.timestep_schedule(num_inference_steps, shift, timesteps)
+        ts, sigmas = sched.scheduler_sigmas(schedule, self.artifacts.scheduler)
+        buffer = sched.MomentumBuffer(-0.75) if do_cfg else None
+        x = noise
+        started = time.perf_counter()
+        disable = None if show_progress is None else not show_progress  # None: only on a terminal
+        for i in tqdm(range(len(ts)), desc="denoise", unit="step", disable=disable, leave=False):
+            t = np.float32(ts[i])
+            if do_cfg and cfg_interval_start <= 1.0 - float(t) <= cfg_interval_end:
+                both = self.velocity(np.concatenate([x, x]), t, np.concatenate([condition, null]),
+                                     np.concatenate([context, context]))
+                v = sched.apg(both[:batch], both[batch:], guidance_scale - 1.0, buffer)
+            else:
+                v = self.velocity(x, t, condition, context)
+            x = sched.euler_step(x, v, sigmas[i], sigmas[i + 1])
+        timings["denoise"] = time.perf_counter() - started
+
+        if output_type == "latent":
+            return AceStepOutput(x, self.sample_rate, seeds, timings)
+        started = time.perf_counter()
+        audio = normalize_peak(self.decode(x))
+        timings["decode"] = time.perf_counter() - started
+        return AceStepOutput(audio, self.sample_rate, seeds, timings)
+
+    # ------------------------------------------------------------------ checks
+
+    @staticmethod
+    def _check_prompts(prompt) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InputError("`prompt` must be a non-empty string or a non-empty list of strings.",
+                             "describe the music, e.g. prompt='lo-fi piano, rain'.")
+        if any(not p.strip() for p in prompts):
+            raise InputError("`prompt` is empty.", "describe the music, e.g. prompt='lo-fi piano, rain'.")
+        return list(prompts)
+
+    @staticmethod
+    def _check_numbers(duration, steps, shift, guidance, task_type, output_type, cfg_start, cfg_end, timesteps):
+        _finite_positive(duration, "audio_duration")
+        _finite_positive(steps, "num_inference_steps", int)
+        _finite_positive(shift, "shift")
+        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+            raise InputError(f"`guidance_scale` must be a finite number >= 0, got {guidance!r}.",
+                             "use 1.0 to disable guidance.")
+        if task_type != "text2music":
+            raise InputError(f"task_type {task_type!r} is not supported by the runtime yet (it needs the VAE "
+                             "encoder and audio tokenizer graphs).", "use task_type='text2music'.")
+        if output_type not in ("np", "latent"):
+            raise InputError(f"output_type {output_type!r} is not supported.", "use 'np' or 'latent'.")
+        if not (0.0 <= cfg_start <= cfg_end <= 1.0):
+            raise InputError("cfg_interval_start/end must satisfy 0 <= start <= end <= 1.", "fix the interval.")
+        if timesteps is not None:
+            arr = np.asarray(timesteps, dtype=np.float64)
+            if arr.ndim != 1 or not arr.size or not np.all(np.isfinite(arr)) or np.any((arr < 0) | (arr > 1)):
+                raise InputError("`timesteps` must be a non-empty list of values in [0, 1].",
+                                 "pass a decreasing schedule such as [1.0, 0.75, 0.5, 0.25].")
+
+    def _initial_latents(self, latents, seed, batch: int, frames: int):
+        """Caller latents [B, T, 64] (checked) or seeded Gaussian noise; returns (latents, seeds)."""
+        shape = (batch, frames, self.config.latent_channels)
+        if latents is not None:
+            latents = np.asarray(latents)
+            if latents.shape != shape:
+                raise InputError(
+                    f"`latents` has shape {latents.shape}, expected {shape} for {batch} prompt(s) of {frames} frames "
+                    f"(ceil(audio_duration * {self.config.latents_per_second:g})).",
+                    "pass latents of that shape or change audio_duration to match them.",
+                )
+            if not np.all(np.isfinite(latents)):
+                raise InputError("`latents` contains NaN or Inf.", "pass finite noise.")
+            return latents.astype(np.float32), None
+        if seed is None:
+            seeds = [int(s) for s in np.random.SeedSequence().generate_state(batch)]
+        elif isinstance(seed, (list, tuple)):
+            if len(seed) != batch:
+                raise InputError(f"{len(seed)} seeds for {batch} prompts.", "pass one seed per prompt, or one int.")
+            seeds = [int(s) for s in seed]
+        elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            seeds = [int(seed)] if batch == 1 else None
+        else:
+            raise InputError(f"`seed` must be an int or a list of ints, got {seed!r}.", "pass e.g. seed=42.")
+        if seeds is None:  # one int for a batch: one stream, like a single torch generator
+            noise = np.random.default_rng(int(seed)).standard_normal(shape, dtype=np.float32)
+            return noise, [int(seed)]
+        noise = np.stack([np.random.default_rng(s).standard_normal(shape[1:], dtype=np.float32) for s in seeds])
+        return noise, seeds

@@ -1,0 +1,48 @@
+"""Windowed VAE decoding: memory stays bounded however long the clip.
+
+The Oobleck decoder's receptive field is a few latent frames (measured at export and stored in the
+manifest), so decoding overlapping windows whose overlap covers it and keeping each window's core
+reproduces a whole decode up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+
+def decode_windowed(
+    decode: Callable[[np.ndarray], np.ndarray],
+    latents: np.ndarray,
+    hop: int,
+    window: int,
+    overlap: int,
+) -> np.ndarray:
+    """latents [B, C, T] -> audio [B, A, T * hop], decoding cores of ``window`` frames plus ``overlap`` each side."""
+    frames = latents.shape[-1]
+    if frames <= window + 2 * overlap:
+        return decode(latents)
+    out = None
+    for core_start in range(0, frames, window):
+        core_end = min(core_start + window, frames)
+        lo, hi = max(0, core_start - overlap), min(frames, core_end + overlap)
+        audio = decode(np.ascontiguousarray(latents[:, :, lo:hi]))  # [B, A, (hi - lo) * hop]
+        if out is None:
+            out = np.empty(audio.shape[:2] + (frames * hop,), dtype=audio.dtype)
+        out[:, :, core_start * hop:core_end * hop] = audio[:, :, (core_start - lo) * hop:(core_end - lo) * hop]
+    return out
+
+
+def normalize_peak(audio: np.ndarray) -> np.ndarray:
+    """diffusers' post-processing: divide by the peak if it exceeds 1, then scale the peak to -1 dBFS.
+
+    audio [B, A, S] float32, per item.
+    """
+    audio = audio.astype(np.float32, copy=False)
+    peak = np.max(np.abs(audio), axis=(1, 2), keepdims=True)
+    if np.any(peak > 1.0):
+        audio = audio / np.maximum(peak, np.float32(1.0))
+    target = np.float32(10.0 ** (-1.0 / 20.0))
+    peak = np.maximum(np.max(np.abs(audio), axis=(1, 2), keepdims=True), np.float32(1e-6))
+    return (audio * (target / peak)).astype(np.float32)
