@@ -48,12 +48,33 @@ class TinyConfig:
     text_layers: int = 2
     text_heads: int = 4
     text_kv_heads: int = 2
+    text_head_dim: int | None = None  # None = text_hidden // text_heads
+    text_intermediate: int | None = None  # None = 2 * text_hidden
+    text_vocab: int | None = None  # embedding rows; None = the trained tokenizer's size
     vocab_size: int = 400
     vae_channels: int = 4
     vae_multiples: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 2])
     padding_side: str = "left"  # Qwen3-Embedding pads on the left
     is_turbo: bool = True
     seed: int = 0
+
+    @classmethod
+    def full_size(cls, **overrides) -> "TinyConfig":
+        """The real turbo geometry (DiT 2048 x 24 layers, Qwen3-0.6B text encoder, 128-channel VAE)."""
+        base = dict(dit_hidden=2048, dit_layers=24, heads=16, kv_heads=8, head_dim=128, intermediate=6144,
+                    sliding_window=128, lyric_layers=8, timbre_layers=4, text_hidden=1024, text_layers=28,
+                    text_heads=16, text_kv_heads=8, text_head_dim=128, text_intermediate=3072,
+                    text_vocab=151669, vae_channels=128, vae_multiples=[1, 2, 4, 8, 16])
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def mid_size(cls, **overrides) -> "TinyConfig":
+        """A CPU-friendly middle: every network a few times smaller than full size, real window and VAE ratios."""
+        base = dict(dit_hidden=512, dit_layers=8, heads=8, kv_heads=4, head_dim=64, intermediate=1536,
+                    sliding_window=128, lyric_layers=2, timbre_layers=2, text_hidden=256, text_layers=4,
+                    text_heads=4, text_kv_heads=2, text_head_dim=64, text_intermediate=768,
+                    vae_channels=32, vae_multiples=[1, 2, 4, 8, 16])
+        return cls(**{**base, **overrides})
 
 
 def train_tokenizer(vocab_size: int, padding_side: str):
@@ -97,13 +118,13 @@ def build_pipeline(cfg: TinyConfig | None = None):
     enc_hidden = cfg.encoder_hidden or cfg.dit_hidden
     text_encoder = Qwen3Model(
         Qwen3Config(
-            vocab_size=len(tokenizer),
+            vocab_size=cfg.text_vocab or len(tokenizer),
             hidden_size=cfg.text_hidden,
-            intermediate_size=cfg.text_hidden * 2,
+            intermediate_size=cfg.text_intermediate or cfg.text_hidden * 2,
             num_hidden_layers=cfg.text_layers,
             num_attention_heads=cfg.text_heads,
             num_key_value_heads=cfg.text_kv_heads,
-            head_dim=cfg.text_hidden // cfg.text_heads,
+            head_dim=cfg.text_head_dim or cfg.text_hidden // cfg.text_heads,
             max_position_embeddings=4096,
             pad_token_id=tokenizer.pad_token_id,
         )
@@ -169,7 +190,7 @@ def _randomize_snake(vae) -> None:
 
 
 def save_tiny_checkpoint(out_dir: str | Path, cfg: TinyConfig | None = None) -> Path:
-    """Write a tiny random checkpoint with ``save_pretrained`` and return its directory."""
+    """Write a random checkpoint (tiny by default) with ``save_pretrained`` and return its directory."""
     out_dir = Path(out_dir)
     pipe = build_pipeline(cfg)
     pipe.save_pretrained(out_dir)

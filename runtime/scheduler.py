@@ -31,16 +31,20 @@ def check_scheduler_config(config: dict) -> None:
 
 
 def linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=float32)`` bit for bit (two-sided evaluation)."""
-    idx = np.arange(steps, dtype=np.float32)
+    """``torch.linspace(start, end, steps, dtype=float32)`` bit for bit.
+
+    torch evaluates ``start + step * i`` for the first half and ``end - step * (steps - 1 - i)`` for the
+    second, with a float32 ``step`` and a fused multiply-add (one rounding): float64 arithmetic rounded
+    once to float32 reproduces that.
+    """
     if steps == 1:
         return np.array([start], dtype=np.float32)
     start32, end32 = np.float32(start), np.float32(end)
-    step = (end32 - start32) / np.float32(steps - 1)
-    halfway = steps // 2
-    front = start32 + step * idx
-    back = end32 - step * (np.float32(steps - 1) - idx)
-    return np.where(idx < halfway, front, back).astype(np.float32)
+    step = np.float64((end32 - start32) / np.float32(steps - 1))
+    idx = np.arange(steps, dtype=np.float64)
+    front = np.float64(start32) + step * idx
+    back = np.float64(end32) - step * (steps - 1 - idx)
+    return np.where(idx < steps // 2, front, back).astype(np.float32)
 
 
 def timestep_schedule(num_steps: int, shift: float, timesteps=None) -> np.ndarray:
