@@ -149,6 +149,51 @@ def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, sh
     click.echo(f"wrote {out_path} ({duration:g} s at {out.sample_rate} Hz{seed_note}; {times})")
 
 
+@main.command("bench")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("artifacts_dir", type=click.Path(path_type=Path))
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds of audio per run.")
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True, help="Timed runs per side (alternating).")
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--torch-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Precision of the diffusers side.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, device, backend, torch_dtype,
+              json_out):
+    """Time this toolkit against diffusers' AceStepPipeline on MODEL_DIR, side by side."""
+    import json
+    import warnings
+
+    from acestep_trt.export.bench import BenchConfig, format_report, run_bench
+    from acestep_trt.export.checkpoint import inspect_checkpoint
+    from acestep_trt.runtime.artifacts import read_manifest
+
+    inspect_checkpoint(model_dir)
+    read_manifest(artifacts_dir)
+    _check_duration_steps(duration, steps)
+    for name, value in (("--batch", batch), ("--runs", runs)):
+        if value < 1:
+            raise InputError(f"{name} must be >= 1, got {value}.", f"pass {name} 1 or more.")
+    cfg = BenchConfig(duration=duration, steps=steps, batch=batch, runs=runs, warmup=max(warmup, 0),
+                      device=device, backend=backend, torch_dtype=torch_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = run_bench(model_dir, artifacts_dir, cfg)
+    click.echo(format_report(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+
+
+def _check_duration_steps(duration: float, steps: int) -> None:
+    from acestep_trt.runtime import AceStepRuntime
+
+    AceStepRuntime._check_numbers(duration, steps, 3.0, 1.0, "text2music", "np", 0.0, 1.0, None)
+
+
 @main.command("demo")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("acestep-demo"), show_default=True)
 @click.option("--duration", type=float, default=10.0, show_default=True)

@@ -1,0 +1,320 @@
+"""``acestep-trt bench``: this toolkit vs diffusers' ``AceStepPipeline``, side by side in one process.
+
+Both pipelines are loaded once, warmed up, then run alternately (ours, diffusers, ours, ...) on the same
+prompt and noise, so that drift in machine load hits both equally. Per run we record per-stage times
+(prompt + condition encoding, every DiT step, VAE decode), end-to-end time, and the peak resident memory
+above the level before the run (sampled every 5 ms); on CUDA also the peak GPU memory. Reported figures
+are medians over runs; ratios are diffusers / ours (so > 1 means we are faster).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STAGES = ("encode", "dit_step", "decode")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+class PeakSampler:
+    """Samples this process's RSS in a thread; ``peak`` is the maximum above the starting level."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.base = _rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes() - self.base)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes() - self.base)
+
+
+@dataclass
+class RunRecord:
+    total: float
+    stages: dict[str, list[float]]
+    host_peak: int
+    gpu_peak: int | None = None
+
+
+@dataclass
+class SideResult:
+    name: str
+    runs: list[RunRecord] = field(default_factory=list)
+    load_seconds: float = 0.0
+    load_rss: int = 0
+
+    def median(self, stage: str | None = None) -> float:
+        if stage is None:
+            return statistics.median(r.total for r in self.runs)
+        return statistics.median(sum(r.stages.get(stage, [0.0])) for r in self.runs)
+
+    def median_step(self) -> float:
+        return statistics.median(statistics.median(r.stages["dit_step"]) for r in self.runs)
+
+    def summary(self, audio_seconds: float) -> dict:
+        gpu = [r.gpu_peak for r in self.runs if r.gpu_peak is not None]
+        total = self.median()
+        return {
+            "name": self.name,
+            "runs": len(self.runs),
+            "end_to_end_s": total,
+            "real_time_factor": total / audio_seconds,
+            "encode_s": self.median("encode"),
+            "dit_step_s": self.median_step(),
+            "dit_total_s": self.median("dit_step"),
+            "decode_s": self.median("decode"),
+            "host_peak_mb": statistics.median(r.host_peak for r in self.runs) / 2**20,
+            "gpu_peak_mb": statistics.median(gpu) / 2**20 if gpu else None,
+            "load_s": self.load_seconds,
+            "load_rss_mb": self.load_rss / 2**20,
+        }
+
+
+class _StageTimer:
+    """Accumulates wall time per stage; ``sync`` makes GPU work finish before a clock is read."""
+
+    def __init__(self, sync=None):
+        self.sync = sync or (lambda: None)
+        self.stages: dict[str, list[float]] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages.setdefault(stage, []).append(seconds)
+
+
+# --------------------------------------------------------------------------- ours
+
+
+class OursSide:
+    """Times the runtime by wrapping each graph runner's ``run``."""
+
+    STAGE_OF = {"text_encoder": "encode", "condition_encoder": "encode", "dit_step": "dit_step",
+                "vae_decoder": "decode"}
+
+    def __init__(self, artifacts: Path, backend: str, device: str):
+        from acestep_trt.runtime import AceStepRuntime
+
+        started, rss = time.perf_counter(), _rss_bytes()
+        self.rt = AceStepRuntime.load(artifacts, backend=backend, device=device)
+        self.load_seconds, self.load_rss = time.perf_counter() - started, _rss_bytes() - rss
+        self.timer = _StageTimer()
+        for name, runner in self.rt.runners.items():
+            runner.run = self._timed(runner.run, self.STAGE_OF[name])
+        self.sample_rate = self.rt.sample_rate
+
+    def _timed(self, run, stage):
+        def wrapper(feeds):
+            started = time.perf_counter()
+            out = run(feeds)
+            self.timer.add(stage, time.perf_counter() - started)
+            return out
+
+        return wrapper
+
+    def __call__(self, prompt, lyrics, duration, latents, steps, shift) -> np.ndarray:
+        return self.rt(prompt=prompt, lyrics=lyrics, audio_duration=duration, latents=latents,
+                       num_inference_steps=steps, shift=shift, guidance_scale=1.0, show_progress=False).audios
+
+
+# --------------------------------------------------------------------------- diffusers
+
+
+class DiffusersSide:
+    """Times ``AceStepPipeline`` with forward hooks on its networks (synchronised on CUDA)."""
+
+    def __init__(self, model_dir: Path, device: str, dtype: str):
+        import torch
+        from diffusers import AceStepPipeline
+
+        self.torch = torch
+        self.device = device
+        started, rss = time.perf_counter(), _rss_bytes()
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        self.pipe = AceStepPipeline.from_pretrained(model_dir, torch_dtype=torch_dtype).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.load_seconds, self.load_rss = time.perf_counter() - started, _rss_bytes() - rss
+        sync = torch.cuda.synchronize if device == "cuda" else None
+        self.timer = _StageTimer(sync)
+        self._hook(self.pipe.text_encoder, "encode")
+        self._hook(self.pipe.condition_encoder, "encode")
+        self._hook(self.pipe.transformer, "dit_step")
+        self._wrap_decode()
+        self.sample_rate = self.pipe.sample_rate
+
+    def _hook(self, module, stage):
+        timer = self.timer
+
+        def pre(_module, _args):
+            timer.sync()
+            module._bench_started = time.perf_counter()
+
+        def post(_module, _args, _out):
+            timer.sync()
+            timer.add(stage, time.perf_counter() - module._bench_started)
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    def _wrap_decode(self):
+        vae, timer, decode = self.pipe.vae, self.timer, self.pipe.vae.decode
+
+        def timed(*args, **kwargs):
+            timer.sync()
+            started = time.perf_counter()
+            out = decode(*args, **kwargs)
+            timer.sync()
+            timer.add("decode", time.perf_counter() - started)
+            return out
+
+        vae.decode = timed
+
+    def __call__(self, prompt, lyrics, duration, latents, steps, shift) -> np.ndarray:
+        torch = self.torch
+        noise = torch.from_numpy(latents).to(self.device, self.pipe.transformer.dtype)
+        with torch.no_grad():
+            return self.pipe(prompt=prompt, lyrics=lyrics, audio_duration=duration, latents=noise,
+                             num_inference_steps=steps, shift=shift, guidance_scale=1.0, output_type="np").audios
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class BenchConfig:
+    duration: float = 10.0
+    steps: int = 8
+    shift: float = 3.0
+    batch: int = 1
+    runs: int = 3
+    warmup: int = 1
+    device: str = "cpu"
+    backend: str = "ort"
+    torch_dtype: str = "fp32"
+    prompt: str = "upbeat electronic dance track with piano and a catchy synth lead"
+    lyrics: str = "[verse]\nSoft notes in the morning light\n[chorus]\nMusic fills the air tonight"
+
+
+def _gpu_peak_reset(side) -> None:
+    if isinstance(side, DiffusersSide) and side.device == "cuda":
+        side.torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak(side) -> int | None:
+    if isinstance(side, DiffusersSide) and side.device == "cuda":
+        return int(side.torch.cuda.max_memory_allocated())
+    return None
+
+
+def _one_run(side, cfg: BenchConfig, latents: np.ndarray) -> tuple[RunRecord, np.ndarray]:
+    side.timer.stages = {}
+    prompts, lyrics = [cfg.prompt] * cfg.batch, [cfg.lyrics] * cfg.batch
+    _gpu_peak_reset(side)
+    with PeakSampler() as mem:
+        started = time.perf_counter()
+        audio = side(prompts, lyrics, cfg.duration, latents, cfg.steps, cfg.shift)
+        total = time.perf_counter() - started
+    return RunRecord(total, dict(side.timer.stages), mem.peak, _gpu_peak(side)), audio
+
+
+def run_bench(model_dir: Path, artifacts: Path, cfg: BenchConfig, progress: bool = True) -> dict:
+    """Load both sides, warm up, alternate ``cfg.runs`` timed runs each; return the report dict."""
+    from tqdm.auto import tqdm
+
+    ours = OursSide(artifacts, cfg.backend, cfg.device)
+    theirs = DiffusersSide(model_dir, cfg.device, cfg.torch_dtype)
+    frames = ours.rt.config.latent_length(cfg.duration)
+    latents = np.random.default_rng(0).standard_normal((cfg.batch, frames, 64)).astype(np.float32)
+    results = {"ours": SideResult("acestep-trt"), "diffusers": SideResult("diffusers")}
+    results["ours"].load_seconds, results["ours"].load_rss = ours.load_seconds, ours.load_rss
+    results["diffusers"].load_seconds, results["diffusers"].load_rss = theirs.load_seconds, theirs.load_rss
+    for _ in range(cfg.warmup):
+        _one_run(ours, cfg, latents)
+        _one_run(theirs, cfg, latents)
+    audio = {}
+    for _ in tqdm(range(cfg.runs), desc="bench", unit="round", disable=not progress):
+        for key, side in (("ours", ours), ("diffusers", theirs)):
+            record, audio[key] = _one_run(side, cfg, latents)
+            results[key].runs.append(record)
+    return _report(cfg, results, audio, ours.sample_rate)
+
+
+def _report(cfg: BenchConfig, results: dict[str, SideResult], audio: dict, sample_rate: int) -> dict:
+    ours, theirs = (results[k].summary(cfg.duration) for k in ("ours", "diffusers"))
+    ratio = {k: theirs[k] / ours[k] for k in ("end_to_end_s", "encode_s", "dit_step_s", "decode_s")
+             if ours[k] and theirs[k]}
+    diff = float(np.max(np.abs(audio["ours"].astype(np.float64) - audio["diffusers"])))
+    return {"config": cfg.__dict__, "hardware": hardware(), "ours": ours, "diffusers": theirs,
+            "speedup": ratio, "max_abs_audio_diff": diff, "sample_rate": sample_rate}
+
+
+def hardware() -> dict:
+    import os
+    import platform
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table of the medians and ratios."""
+    o, d, s = report["ours"], report["diffusers"], report["speedup"]
+    cfg = report["config"]
+    rows = [
+        ("end to end (s)", "end_to_end_s", "{:.3f}"), ("real-time factor", "real_time_factor", "{:.4f}"),
+        ("encode (s)", "encode_s", "{:.4f}"), ("DiT step, median (s)", "dit_step_s", "{:.4f}"),
+        ("DiT, all steps (s)", "dit_total_s", "{:.3f}"), ("VAE decode (s)", "decode_s", "{:.3f}"),
+        ("host peak during run (MB)", "host_peak_mb", "{:.0f}"), ("GPU peak (MB)", "gpu_peak_mb", "{:.0f}"),
+        ("load time (s)", "load_s", "{:.2f}"), ("RSS after load (MB)", "load_rss_mb", "{:.0f}"),
+    ]
+    fmt = lambda f, v: "n/a" if v is None else f.format(v)  # noqa: E731
+    lines = [
+        f"{cfg['duration']:g} s clip, batch {cfg['batch']}, {cfg['steps']} steps, device {cfg['device']}, "
+        f"ours {cfg['backend']}, diffusers {cfg['torch_dtype']}, {report['ours']['runs']} alternating runs "
+        f"after {cfg['warmup']} warm-up",
+        f"hardware: {json.dumps(report['hardware'])}",
+        f"{'':<28}{'acestep-trt':>14}{'diffusers':>14}{'speed-up':>10}",
+    ]
+    for label, key, f in rows:
+        speed = f"{s[key]:.2f}x" if key in s else ""
+        lines.append(f"{label:<28}{fmt(f, o[key]):>14}{fmt(f, d[key]):>14}{speed:>10}")
+    lines.append(f"max |audio difference|: {report['max_abs_audio_diff']:.2e}")
+    return "\n".join(lines)
