@@ -86,6 +86,7 @@ def load_component(model_dir: str | Path, name: str):
     """Load one network in float32, eval mode. ``name`` is a pipeline component name."""
     import torch
 
+    _quiet_libraries()
     model_dir = Path(model_dir)
     sub = model_dir / name
     try:
@@ -113,3 +114,14 @@ def load_component(model_dir: str | Path, name: str):
             "check that the checkpoint's weights are complete (re-download or re-save it).",
         ) from None
     return module.eval()
+
+
+def _quiet_libraries() -> None:
+    """diffusers and transformers set their own log levels and progress bars; keep the CLI output ours."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -74,15 +74,15 @@ def _cond_ref(module, feeds):
 
 
 def _dit_ref(module, feeds):
-    out = module(
+    velocity = module(
         hidden_states=feeds["latents"],
         timestep=feeds["timestep"],
         timestep_r=feeds["timestep"],
         encoder_hidden_states=feeds["encoder_hidden_states"],
         context_latents=feeds["context_latents"],
         return_dict=False,
-    )
-    return {"velocity": out[0]}
+    )[0]
+    return {"velocity": velocity, "next_latents": feeds["latents"] + feeds["dt"][:, None, None] * velocity}
 
 
 def _vae_ref(module, feeds):

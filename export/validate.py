@@ -45,6 +45,8 @@ def make_inputs(spec: GraphSpec, dims: dict[str, int], cfg: ModelConfig, seed: i
             feeds[t.name] = _padding_mask(shape, rng)
         elif t.name == "timestep":
             feeds[t.name] = rng.uniform(0.05, 1.0, size=shape).astype(np.float32)
+        elif t.name == "dt":
+            feeds[t.name] = -rng.uniform(0.05, 0.5, size=shape).astype(np.float32)
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds

@@ -61,8 +61,10 @@ def _finite_positive(value, name: str, kind=float) -> None:
 class AceStepRuntime:
     """Loaded graphs + constants + tokenizer of one artifact directory. Use :meth:`load`."""
 
-    def __init__(self, artifacts: Artifacts, runners: dict, backend: str, device: str, vae_window: int):
+    def __init__(self, artifacts: Artifacts, runners: dict, backend: str, device: str, vae_window: int,
+                 device_loop: bool | None = None):
         self.artifacts = artifacts
+        self.device_loop = device == "cuda" if device_loop is None else bool(device_loop)
         self.config = artifacts.config
         self.runners = runners
         self.backend = backend
@@ -81,8 +83,13 @@ class AceStepRuntime:
         verify: bool = True,
         vae_window: int = DEFAULT_VAE_WINDOW,
         threads: int | None = None,
+        device_loop: bool | None = None,
     ) -> "AceStepRuntime":
-        """Verify ``artifacts_dir`` and open every graph on ``backend``/``device``."""
+        """Verify ``artifacts_dir`` and open every graph on ``backend``/``device``.
+
+        ``device_loop`` keeps latents in device buffers across the denoising steps (IO binding);
+        default: on for CUDA, off for CPU (where it works too, and is tested).
+        """
         from .backends.ort import OrtGraph, check_device
 
         kind = resolve_backend(backend, device)
@@ -93,7 +100,7 @@ class AceStepRuntime:
         runners = {
             name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device, threads) for name in GRAPH_NAMES
         }
-        return cls(artifacts, runners, kind, device, int(vae_window))
+        return cls(artifacts, runners, kind, device, int(vae_window), device_loop)
 
     @property
     def sample_rate(self) -> int:
@@ -137,12 +144,55 @@ class AceStepRuntime:
         })
         return out["encoder_hidden_states"]
 
-    def velocity(self, latents, t, condition, context) -> np.ndarray:
-        """One ``dit_step``: [B, T, 64] -> [B, T, 64]."""
-        timestep = np.full((latents.shape[0],), t, dtype=np.float32)
-        feeds = {"latents": latents, "timestep": timestep, "encoder_hidden_states": condition,
-                 "context_latents": context}
-        return self.runners[DIT_STEP].run(feeds)["velocity"]
+    def dit_step(self, latents, t, dt, condition, context) -> dict[str, np.ndarray]:
+        """One ``dit_step`` on the host: {"velocity", "next_latents"}, each [B, T, 64]."""
+        batch = latents.shape[0]
+        feeds = {"latents": latents, "timestep": np.full((batch,), t, np.float32),
+                 "encoder_hidden_states": condition, "context_latents": context,
+                 "dt": np.full((batch,), dt, np.float32)}
+        return self.runners[DIT_STEP].run(feeds)
+
+    def denoise_host(self, x, ts, sigmas, condition, context, guidance=None, progress=None) -> np.ndarray:
+        """Euler loop with host arrays; ``guidance`` = (scale, null condition, interval) enables APG."""
+        batch = x.shape[0]
+        buffer = sched.MomentumBuffer(-0.75)
+        for i in range(len(ts)):
+            t, dt = np.float32(ts[i]), np.float32(sigmas[i + 1] - sigmas[i])
+            if guidance and guidance[2][0] <= 1.0 - float(t) <= guidance[2][1]:
+                scale, null, _ = guidance
+                both = self.dit_step(np.concatenate([x, x]), t, dt, np.concatenate([condition, null]),
+                                     np.concatenate([context, context]))["velocity"]
+                v = sched.apg(both[:batch], both[batch:], scale - 1.0, buffer)
+                x = sched.euler_step(x, v, sigmas[i], sigmas[i + 1])
+            else:
+                x = self.dit_step(x, t, dt, condition, context)["next_latents"]
+            if progress:
+                progress.update()
+        return x
+
+    def denoise_device(self, x, ts, sigmas, condition, context, progress=None) -> np.ndarray:
+        """Euler loop with IO binding: latents, condition and context stay on the device for every step.
+
+        Two preallocated latent buffers alternate as input and output; only the final latents
+        (64 floats per frame) are copied back, for windowed VAE decoding.
+        """
+        runner = self.runners[DIT_STEP]
+        batch = x.shape[0]
+        fixed = {"encoder_hidden_states": runner.to_device(condition), "context_latents": runner.to_device(context)}
+        steps = [
+            {"timestep": runner.to_device(np.full((batch,), ts[i], np.float32)),
+             "dt": runner.to_device(np.full((batch,), sigmas[i + 1] - sigmas[i], np.float32))}
+            for i in range(len(ts))
+        ]
+        buffers = [runner.to_device(x), runner.empty(x.shape)]
+        velocity = runner.empty(x.shape)
+        for i, step in enumerate(steps):
+            current, following = buffers[i % 2], buffers[(i + 1) % 2]
+            runner.run_bound({"latents": current, **fixed, **step},
+                             {"velocity": velocity, "next_latents": following})
+            if progress:
+                progress.update()
+        return buffers[len(steps) % 2].numpy()
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents [B, T, 64] -> audio [B, 2, T * hop], decoded in overlapping windows."""
@@ -216,26 +266,22 @@ class AceStepRuntime:
         )  # [B, T, 128]: source latents + chunk mask (all ones for text2music)
         noise, seeds = self._initial_latents(latents, seed, batch, frames)
 
-        do_cfg = guidance_scale > 1.0 and not self.config.is_turbo
-        if guidance_scale > 1.0 and self.config.is_turbo:
+        guidance = None
+        if guidance_scale > 1.0 and not self.config.is_turbo:
+            null = np.broadcast_to(self.constants["null_condition_emb"], condition.shape).astype(np.float32)
+            guidance = (guidance_scale, null, (cfg_interval_start, cfg_interval_end))
+        elif guidance_scale > 1.0:
             log.debug("guidance_scale %s is ignored for turbo (guidance-distilled) checkpoints", guidance_scale)
-        null = np.broadcast_to(self.constants["null_condition_emb"], condition.shape).astype(np.float32)
 
         schedule = sched.timestep_schedule(num_inference_steps, shift, timesteps)
         ts, sigmas = sched.scheduler_sigmas(schedule, self.artifacts.scheduler)
-        buffer = sched.MomentumBuffer(-0.75) if do_cfg else None
-        x = noise
         started = time.perf_counter()
         disable = None if show_progress is None else not show_progress  # None: only on a terminal
-        for i in tqdm(range(len(ts)), desc="denoise", unit="step", disable=disable, leave=False):
-            t = np.float32(ts[i])
-            if do_cfg and cfg_interval_start <= 1.0 - float(t) <= cfg_interval_end:
-                both = self.velocity(np.concatenate([x, x]), t, np.concatenate([condition, null]),
-                                     np.concatenate([context, context]))
-                v = sched.apg(both[:batch], both[batch:], guidance_scale - 1.0, buffer)
-            else:
-                v = self.velocity(x, t, condition, context)
-            x = sched.euler_step(x, v, sigmas[i], sigmas[i + 1])
+        with tqdm(total=len(ts), desc="denoise", unit="step", disable=disable, leave=False) as bar:
+            if self.device_loop and guidance is None:
+                x = self.denoise_device(noise, ts, sigmas, condition, context, bar)
+            else:  # APG guidance mixes the two halves on the host every step
+                x = self.denoise_host(noise, ts, sigmas, condition, context, guidance, bar)
         timings["denoise"] = time.perf_counter() - started
 
         if output_type == "latent":

@@ -191,17 +191,26 @@ def condition_encoder_spec(cfg: ModelConfig) -> GraphSpec:
 
 
 def dit_step_spec(cfg: ModelConfig) -> GraphSpec:
-    """One DiT evaluation: velocity for noisy latents at timestep t (timestep_r = t, as diffusers)."""
+    """One DiT evaluation plus the Euler update, so a denoising loop can stay on the device.
+
+    velocity = DiT(latents, t) with timestep_r = t (as diffusers); next_latents = latents + dt * velocity
+    (``FlowMatchEulerDiscreteScheduler.step`` with dt = sigma_next - sigma).
+    """
     return GraphSpec(
         name=DIT_STEP,
-        doc="latents [B, T, 64], t [B], condition [B, C, cond_hidden], context [B, T, 128] -> velocity [B, T, 64].",
+        doc="latents [B, T, 64], t [B], condition [B, C, cond_hidden], context [B, T, 128], dt [B] -> "
+        "velocity [B, T, 64], next_latents = latents + dt * velocity [B, T, 64].",
         inputs=(
             TensorSpec("latents", "float32", ("batch", "latent_len", cfg.latent_channels)),
             TensorSpec("timestep", "float32", ("batch",)),
             TensorSpec("encoder_hidden_states", "float32", ("batch", "cond_len", cfg.cond_hidden)),
             TensorSpec("context_latents", "float32", ("batch", "latent_len", cfg.context_channels)),
+            TensorSpec("dt", "float32", ("batch",)),
         ),
-        outputs=(TensorSpec("velocity", "float32", ("batch", "latent_len", cfg.latent_channels)),),
+        outputs=(
+            TensorSpec("velocity", "float32", ("batch", "latent_len", cfg.latent_channels)),
+            TensorSpec("next_latents", "float32", ("batch", "latent_len", cfg.latent_channels)),
+        ),
         tolerance=FP32_TOL,
     )
 

@@ -104,3 +104,12 @@ def test_latent_output_matches_diffusers_latents(tiny, runtime):
                         output_type="latent").audios.numpy()
     got = runtime(prompt="drums", audio_duration=0.6, latents=latents, output_type="latent").audios
     assert np.max(np.abs(got - ref)) <= ATOL
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_device_loop_with_io_binding_matches_diffusers(tiny, batch):
+    """The IO-binding loop (CUDA's path) run on CPU buffers: same audio as diffusers."""
+    rt = AceStepRuntime.load(tiny.artifacts, device_loop=True)
+    assert rt.device_loop
+    prompts = ["piano", "rock guitar and drums"][:batch]
+    _compare(tiny, rt, prompts if batch > 1 else prompts[0], ["la la", ""][:batch] if batch > 1 else "la", 1.3)

@@ -14,13 +14,14 @@ from torch import nn
 
 
 class DitStepAdapter(nn.Module):
-    """latents [B, T, 64], timestep [B], encoder_hidden_states [B, C, H_enc], context [B, T, 128] -> [B, T, 64]."""
+    """latents [B, T, 64], timestep [B], encoder_hidden_states [B, C, H_enc], context [B, T, 128], dt [B]
+    -> velocity [B, T, 64], next_latents [B, T, 64] (the scheduler's Euler step, folded in)."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
         self.dit = transformer
 
-    def forward(self, latents, timestep, encoder_hidden_states, context_latents):
+    def forward(self, latents, timestep, encoder_hidden_states, context_latents, dt):
         from diffusers.models.transformers.ace_step_transformer import _ace_step_rotary_freqs, _create_4d_mask
 
         dit = self.dit
@@ -57,4 +58,5 @@ class DitStepAdapter(nn.Module):
         shift, scale = (dit.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         hidden = dit.norm_out(hidden) * (1 + scale) + shift
         hidden = dit.proj_out_conv(hidden.transpose(1, 2)).transpose(1, 2)  # [B, T_pad, 64]
-        return hidden[:, :seq_len, :]
+        velocity = hidden[:, :seq_len, :]
+        return velocity, latents + dt[:, None, None] * velocity
