@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -161,18 +162,30 @@ def name_dims(path: Path, spec: GraphSpec) -> None:
     onnx.save(model, str(path))
 
 
-def validate_graph(module, recipe: GraphRecipe, spec: GraphSpec, cfg: ModelConfig, path: Path):
-    """Run the ONNX graph and the upstream module at each validation binding; return comparisons."""
-    import onnxruntime as ort
+def reference_outputs(module, recipe: GraphRecipe, spec: GraphSpec, cfg: ModelConfig) -> list[tuple]:
+    """Upstream PyTorch outputs at each validation binding: [(dims, feeds, {output: array})]."""
     import torch
+
+    cases = []
+    for i, dims in enumerate(val.validation_dims(cfg)):
+        feeds = val.make_inputs(spec, dims, cfg, seed=10 + i)
+        with torch.no_grad():
+            ref = {k: v.detach().numpy() for k, v in recipe.reference(module, _to_torch(feeds)).items()}
+        cases.append((dims, feeds, ref))
+    return cases
+
+
+def validate_graph(cases: list[tuple], spec: GraphSpec, path: Path):
+    """Run the ONNX graph on each case's feeds and compare with the reference; return comparisons.
+
+    Called after the PyTorch module is freed, so a full-size graph never sits in memory twice.
+    """
+    import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rows = []
-    for i, dims in enumerate(val.validation_dims(cfg)):
-        feeds = val.make_inputs(spec, dims, cfg, seed=10 + i)
+    for dims, feeds, ref in cases:
         got = dict(zip([o.name for o in spec.outputs], session.run(None, feeds)))
-        with torch.no_grad():
-            ref = {k: v.detach().numpy() for k, v in recipe.reference(module, _to_torch(feeds)).items()}
         rows.extend(val.compare(spec, dims, got, ref))
     del session
     return rows
@@ -218,6 +231,7 @@ def export_artifacts(
             _write_side_files(model_dir, staging, extra)
             bar.update()
         _write_manifest(model_dir, staging, cfg, specs, report, extra)
+        _apply_umask(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -227,20 +241,29 @@ def export_artifacts(
     return report
 
 
+def _apply_umask(root: Path) -> None:
+    """mkdtemp and safetensors create private (0700/0600) paths; give the result the user's usual modes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _export_one(model_dir, staging, name, recipe, spec, cfg, validate, report, extra) -> None:
     module = load_component(model_dir, recipe.component)
     path = staging / f"{name}.onnx"
     log.info("exporting %s", name)
     trace_to_onnx(recipe.adapter(module), spec, cfg, path)
+    cases = reference_outputs(module, recipe, spec, cfg) if validate else []
+    _collect_constants(name, module, cfg, extra)
+    del module
+    gc.collect()
     if validate:
-        rows = validate_graph(module, recipe, spec, cfg, path)
+        rows = validate_graph(cases, spec, path)
         report.comparisons.extend(rows)
         for row in rows:
             log.info("%s", row.row())
         val.raise_on_failure(rows)
-    _collect_constants(name, module, cfg, extra)
-    del module
-    gc.collect()
 
 
 def _collect_constants(name: str, module, cfg: ModelConfig, extra: dict) -> None:
