@@ -152,6 +152,9 @@ class DiffusersSide:
         import torch
         from diffusers import AceStepPipeline
 
+        from .checkpoint import _quiet_libraries
+
+        _quiet_libraries()
         self.torch = torch
         self.device = device
         started, rss = time.perf_counter(), _rss_bytes()

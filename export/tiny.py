@@ -173,7 +173,6 @@ def build_pipeline(cfg: TinyConfig | None = None):
         condition_encoder=condition_encoder,
         scheduler=scheduler,
     )
-    pipe.to(torch.float32)
     for module in (vae, text_encoder, transformer, condition_encoder):
         module.eval()
     return pipe
@@ -194,5 +193,5 @@ def save_tiny_checkpoint(out_dir: str | Path, cfg: TinyConfig | None = None) -> 
     out_dir = Path(out_dir)
     pipe = build_pipeline(cfg)
     pipe.save_pretrained(out_dir)
-    log.info("tiny checkpoint written to %s", out_dir)
+    log.info("random checkpoint written to %s", out_dir)
     return out_dir
