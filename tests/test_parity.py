@@ -113,3 +113,13 @@ def test_device_loop_with_io_binding_matches_diffusers(tiny, batch):
     assert rt.device_loop
     prompts = ["piano", "rock guitar and drums"][:batch]
     _compare(tiny, rt, prompts if batch > 1 else prompts[0], ["la la", ""][:batch] if batch > 1 else "la", 1.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cuda_runtime_matches_diffusers(tiny, batch):
+    """ONNX Runtime CUDA with the device-resident loop (runs only where a GPU and onnxruntime-gpu exist)."""
+    rt = AceStepRuntime.load(tiny.artifacts, device="cuda")
+    assert rt.device_loop and all(r.providers[0] == "CUDAExecutionProvider" for r in rt.runners.values())
+    prompts = ["piano", "rock guitar and drums"][:batch]
+    _compare(tiny, rt, prompts, ["la la", ""][:batch], 3.7)
