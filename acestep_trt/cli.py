@@ -131,12 +131,13 @@ def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, sh
     """Generate music from ARTIFACTS_DIR and write it to --out."""
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.audio import check_output_path, write_audio
+    from acestep_trt.runtime.pipeline import check_arguments, check_prompts
 
     check_output_path(out_path, overwrite)
     lyrics_text = _read_lyrics(lyrics, lyrics_file)
     latents = _read_latents(latents_file)
-    AceStepRuntime._check_prompts(prompt)
-    AceStepRuntime._check_numbers(duration, steps, shift, guidance_scale, "text2music", "np", 0.0, 1.0, None)
+    check_prompts(prompt)
+    check_arguments(duration, steps, shift, guidance_scale)
     started = time.perf_counter()
     rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device)
     load_s = time.perf_counter() - started
@@ -172,9 +173,11 @@ def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, de
     from acestep_trt.export.checkpoint import inspect_checkpoint
     from acestep_trt.runtime.artifacts import read_manifest
 
+    from acestep_trt.runtime.pipeline import check_arguments
+
     inspect_checkpoint(model_dir)
     read_manifest(artifacts_dir)
-    _check_duration_steps(duration, steps)
+    check_arguments(duration, steps)
     for name, value in (("--batch", batch), ("--runs", runs)):
         if value < 1:
             raise InputError(f"{name} must be >= 1, got {value}.", f"pass {name} 1 or more.")
@@ -188,12 +191,6 @@ def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, de
         json_out.write_text(json.dumps(report, indent=2))
 
 
-def _check_duration_steps(duration: float, steps: int) -> None:
-    from acestep_trt.runtime import AceStepRuntime
-
-    AceStepRuntime._check_numbers(duration, steps, 3.0, 1.0, "text2music", "np", 0.0, 1.0, None)
-
-
 @main.command("demo")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("acestep-demo"), show_default=True)
 @click.option("--duration", type=float, default=10.0, show_default=True)
@@ -203,10 +200,11 @@ def demo_cmd(out_dir: Path, duration: float, overwrite: bool) -> None:
     from acestep_trt.export.tiny import save_tiny_checkpoint
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.audio import write_audio
+    from acestep_trt.runtime.pipeline import check_arguments
 
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"{out_dir} already exists and is not empty.", "pass --overwrite or another --out-dir.")
-    AceStepRuntime._check_numbers(duration, 8, 3.0, 1.0, "text2music", "np", 0.0, 1.0, None)
+    check_arguments(duration)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     started = time.perf_counter()

@@ -58,6 +58,40 @@ def _finite_positive(value, name: str, kind=float) -> None:
         raise InputError(f"`{name}` must be {what}, got {value!r}.", f"pass {name} as {what}.")
 
 
+def check_prompts(prompt) -> list[str]:
+    """A non-empty string or list of non-empty strings -> list of prompts."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError("`prompt` must be a non-empty string or a non-empty list of strings.",
+                         "describe the music, e.g. prompt='lo-fi piano, rain'.")
+    if any(not p.strip() for p in prompts):
+        raise InputError("`prompt` is empty.", "describe the music, e.g. prompt='lo-fi piano, rain'.")
+    return list(prompts)
+
+
+def check_arguments(duration, steps=8, shift=3.0, guidance=1.0, task_type="text2music", output_type="np",
+                    cfg_start=0.0, cfg_end=1.0, timesteps=None) -> None:
+    """Validate generation arguments before any work; raises :class:`InputError` with the remedy."""
+    _finite_positive(duration, "audio_duration")
+    _finite_positive(steps, "num_inference_steps", int)
+    _finite_positive(shift, "shift")
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise InputError(f"`guidance_scale` must be a finite number >= 0, got {guidance!r}.",
+                         "use 1.0 to disable guidance.")
+    if task_type != "text2music":
+        raise InputError(f"task_type {task_type!r} is not supported by the runtime yet (it needs the VAE "
+                         "encoder and audio tokenizer graphs).", "use task_type='text2music'.")
+    if output_type not in ("np", "latent"):
+        raise InputError(f"output_type {output_type!r} is not supported.", "use 'np' or 'latent'.")
+    if not (0.0 <= cfg_start <= cfg_end <= 1.0):
+        raise InputError("cfg_interval_start/end must satisfy 0 <= start <= end <= 1.", "fix the interval.")
+    if timesteps is not None:
+        arr = np.asarray(timesteps, dtype=np.float64)
+        if arr.ndim != 1 or not arr.size or not np.all(np.isfinite(arr)) or np.any((arr < 0) | (arr > 1)):
+            raise InputError("`timesteps` must be a non-empty list of values in [0, 1].",
+                             "pass a decreasing schedule such as [1.0, 0.75, 0.5, 0.25].")
+
+
 class AceStepRuntime:
     """Loaded graphs + constants + tokenizer of one artifact directory. Use :meth:`load`."""
 
@@ -240,12 +274,12 @@ class AceStepRuntime:
         """
         from tqdm.auto import tqdm
 
-        prompts = self._check_prompts(prompt)
+        prompts = check_prompts(prompt)
         batch = len(prompts)
         lyrics_list = _as_list(lyrics if lyrics is not None else "", batch, "lyrics")
         languages = _as_list(vocal_language, batch, "vocal_language")
         audio_duration = 60.0 if audio_duration is None else audio_duration
-        self._check_numbers(audio_duration, num_inference_steps, shift, guidance_scale, task_type, output_type,
+        check_arguments(audio_duration, num_inference_steps, shift, guidance_scale, task_type, output_type,
                             cfg_interval_start, cfg_interval_end, timesteps)
         if instruction is None:
             instruction = TEXT2MUSIC_INSTRUCTION
@@ -290,39 +324,6 @@ class AceStepRuntime:
         audio = normalize_peak(self.decode(x))
         timings["decode"] = time.perf_counter() - started
         return AceStepOutput(audio, self.sample_rate, seeds, timings)
-
-    # ------------------------------------------------------------------ checks
-
-    @staticmethod
-    def _check_prompts(prompt) -> list[str]:
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError("`prompt` must be a non-empty string or a non-empty list of strings.",
-                             "describe the music, e.g. prompt='lo-fi piano, rain'.")
-        if any(not p.strip() for p in prompts):
-            raise InputError("`prompt` is empty.", "describe the music, e.g. prompt='lo-fi piano, rain'.")
-        return list(prompts)
-
-    @staticmethod
-    def _check_numbers(duration, steps, shift, guidance, task_type, output_type, cfg_start, cfg_end, timesteps):
-        _finite_positive(duration, "audio_duration")
-        _finite_positive(steps, "num_inference_steps", int)
-        _finite_positive(shift, "shift")
-        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-            raise InputError(f"`guidance_scale` must be a finite number >= 0, got {guidance!r}.",
-                             "use 1.0 to disable guidance.")
-        if task_type != "text2music":
-            raise InputError(f"task_type {task_type!r} is not supported by the runtime yet (it needs the VAE "
-                             "encoder and audio tokenizer graphs).", "use task_type='text2music'.")
-        if output_type not in ("np", "latent"):
-            raise InputError(f"output_type {output_type!r} is not supported.", "use 'np' or 'latent'.")
-        if not (0.0 <= cfg_start <= cfg_end <= 1.0):
-            raise InputError("cfg_interval_start/end must satisfy 0 <= start <= end <= 1.", "fix the interval.")
-        if timesteps is not None:
-            arr = np.asarray(timesteps, dtype=np.float64)
-            if arr.ndim != 1 or not arr.size or not np.all(np.isfinite(arr)) or np.any((arr < 0) | (arr > 1)):
-                raise InputError("`timesteps` must be a non-empty list of values in [0, 1].",
-                                 "pass a decreasing schedule such as [1.0, 0.75, 0.5, 0.25].")
 
     def _initial_latents(self, latents, seed, batch: int, frames: int):
         """Caller latents [B, T, 64] (checked) or seeded Gaussian noise; returns (latents, seeds)."""
