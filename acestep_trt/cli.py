@@ -124,10 +124,12 @@ def _read_latents(path: Path | None):
 @click.option("--timesignature", default=None, help='Time signature, e.g. "4".')
 @click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--engines", "engine_dir", type=click.Path(path_type=Path), default=None,
+              help="TensorRT engine directory (default ARTIFACTS_DIR/engines).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Output .wav or .flac.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
-                 latents_file, language, bpm, keyscale, timesignature, backend, device, out_path, overwrite):
+                 latents_file, language, bpm, keyscale, timesignature, backend, device, engine_dir, out_path, overwrite):
     """Generate music from ARTIFACTS_DIR and write it to --out."""
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.audio import check_output_path, write_audio
@@ -138,7 +140,7 @@ def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, sh
     AceStepRuntime._check_prompts(prompt)
     AceStepRuntime._check_numbers(duration, steps, shift, guidance_scale, "text2music", "np", 0.0, 1.0, None)
     started = time.perf_counter()
-    rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device)
+    rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device, engine_dir=engine_dir)
     load_s = time.perf_counter() - started
     out = rt(prompt=prompt, lyrics=lyrics_text, audio_duration=duration, vocal_language=language,
              num_inference_steps=steps, guidance_scale=guidance_scale, shift=shift, seed=seed, latents=latents,
@@ -147,6 +149,46 @@ def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, sh
     times = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_s, **out.timings}.items())
     seed_note = f", seed {out.seeds[0]}" if out.seeds else ""
     click.echo(f"wrote {out_path} ({duration:g} s at {out.sample_rate} Hz{seed_note}; {times})")
+
+
+@main.command("build")
+@click.argument("artifacts_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Engine directory (default ARTIFACTS_DIR/engines).")
+@click.option("--min-duration", type=float, default=10.0, show_default=True, help="Shortest clip, seconds.")
+@click.option("--opt-duration", type=float, default=60.0, show_default=True, help="Clip length tuned for.")
+@click.option("--max-duration", type=float, default=240.0, show_default=True, help="Longest clip, seconds.")
+@click.option("--max-batch", type=int, default=1, show_default=True,
+              help="Prompts per call (the DiT engine takes twice this on non-turbo models, for guidance).")
+@click.option("--max-text-len", type=int, default=256, show_default=True, help="Prompt tokens (runtime max 256).")
+@click.option("--max-lyric-len", type=int, default=2048, show_default=True, help="Lyric tokens (runtime max 2048).")
+@click.option("--vae-window", type=int, default=256, show_default=True,
+              help="Latent frames per VAE window (the runtime's vae_window).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32"]), default="fp32", show_default=True,
+              help="fp32 graphs: exact fp32 or TF32 matmuls. Reduced precision comes from the ONNX graph.")
+@click.option("--version-compatible", is_flag=True,
+              help="Engines that later TensorRT releases and the lean runtime (tensorrt-lean) can run.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Timing cache file to read and update (default OUT/timing.cache).")
+@click.option("--workspace-gib", type=float, default=None, help="Builder workspace limit, GiB.")
+@click.option("--force", is_flag=True, help="Rebuild every engine even if it is up to date.")
+def build_cmd(artifacts_dir, out_dir, min_duration, opt_duration, max_duration, max_batch, max_text_len,
+              max_lyric_len, vae_window, precision, version_compatible, timing_cache, workspace_gib, force):
+    """Build TensorRT engines for ARTIFACTS_DIR (needs TensorRT and an NVIDIA GPU)."""
+    from acestep_trt.runtime.trt.builder import build_engines
+    from acestep_trt.runtime.trt.profiles import ProfileRequest
+
+    request = ProfileRequest(min_duration=min_duration, opt_duration=opt_duration, max_duration=max_duration,
+                             max_batch=max_batch, max_text_len=max_text_len,
+                             max_lyric_len=max_lyric_len, vae_window=vae_window)
+    started = time.perf_counter()
+    manifest = build_engines(artifacts_dir, out_dir, request, precision, version_compatible, timing_cache,
+                             workspace_gib, force)
+    click.echo(f"engines written to {manifest.root} (TensorRT {manifest.tensorrt_version}, compute capability "
+               f"{manifest.compute_capability}, {time.perf_counter() - started:.1f} s)")
+    for name, record in manifest.data["graphs"].items():
+        ranges = ", ".join(f"{dim} {r['min']}..{r['max']}" for dim, r in record["profile"]["dims"].items())
+        click.echo(f"  {name:<18} {record['bytes'] / 2**20:8.1f} MiB  {ranges}")
 
 
 @main.command("demo")

@@ -81,18 +81,28 @@ class AceStepRuntime:
         verify: bool = True,
         vae_window: int = DEFAULT_VAE_WINDOW,
         threads: int | None = None,
+        engine_dir: str | Path | None = None,
     ) -> "AceStepRuntime":
-        """Verify ``artifacts_dir`` and open every graph on ``backend``/``device``."""
+        """Verify ``artifacts_dir`` and open every graph on ``backend``/``device``.
+
+        ``engine_dir``: TensorRT engines (``acestep-trt build``), default ``ARTIFACTS_DIR/engines``.
+        """
         from .backends.ort import OrtGraph, check_device
 
-        kind = resolve_backend(backend, device)
+        kind = resolve_backend(backend, device, artifacts_dir, engine_dir)
         if kind == "ort":
             check_device(device)
         _finite_positive(vae_window, "vae_window", int)
         artifacts = load_artifacts(artifacts_dir, verify=verify)
-        runners = {
-            name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device, threads) for name in GRAPH_NAMES
-        }
+        if kind == "trt":  # TensorRT engines (runtime/backends/trt.py)
+            from .backends.trt import load_engines
+
+            runners = load_engines(artifacts, engine_dir, int(vae_window))
+        else:
+            runners = {
+                name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device, threads)
+                for name in GRAPH_NAMES
+            }
         return cls(artifacts, runners, kind, device, int(vae_window))
 
     @property
@@ -226,8 +236,12 @@ class AceStepRuntime:
         buffer = sched.MomentumBuffer(-0.75) if do_cfg else None
         x = noise
         started = time.perf_counter()
+        # TensorRT: the whole loop with the latents on the GPU (no guidance: APG runs on the host below)
+        device_loop = None if do_cfg else getattr(self.runners[DIT_STEP], "denoise", None)
+        if device_loop is not None:
+            x = device_loop(x, condition, context, ts, sigmas)
         disable = None if show_progress is None else not show_progress  # None: only on a terminal
-        for i in tqdm(range(len(ts)), desc="denoise", unit="step", disable=disable, leave=False):
+        for i in tqdm(range(0 if device_loop else len(ts)), desc="denoise", unit="step", disable=disable, leave=False):
             t = np.float32(ts[i])
             if do_cfg and cfg_interval_start <= 1.0 - float(t) <= cfg_interval_end:
                 both = self.velocity(np.concatenate([x, x]), t, np.concatenate([condition, null]),
