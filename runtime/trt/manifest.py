@@ -45,7 +45,12 @@ def rebuild_remedy(artifacts_dir: str | Path, engine_dir: str | Path | None = No
 
 
 def onnx_records(artifact_manifest: dict, graph: str) -> list[dict]:
-    """The artifact manifest's file records of one graph: ``<graph>.onnx`` and its external data files."""
+    """The artifact manifest's file records of one graph: ``<graph>.onnx`` and its external data files.
+
+    Engines built with the network API (euler_step) have none.
+    """
+    if graph not in artifact_manifest["graphs"]:
+        return []
     onnx = artifact_manifest["graphs"][graph]["onnx"]
     return sorted(({"path": r["path"], "sha256": r["sha256"]} for r in artifact_manifest["files"]
                    if r["path"] == onnx or r["path"].startswith(onnx + ".")), key=lambda r: r["path"])

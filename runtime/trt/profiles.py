@@ -41,7 +41,7 @@ class ShapeRange:
         return self.min <= size <= self.max
 
     def __str__(self) -> str:
-        return f"{self.min}..{self.max} (opt {self.opt})" if self.min != self.max else str(self.min)
+        return f"{self.min}..{self.max} (opt {self.opt})" if self.min != self.max else f"{self.min}..{self.max}"
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,8 @@ class GraphProfile:
             if rng is None or size in rng:
                 continue
             what = {"latent_len": f" ({size / latents_per_second:.2f} s of audio)",
-                    "batch": " (prompts per call; x2 for classifier-free guidance on non-turbo models)"}.get(dim, "")
+                    "batch": " (prompts per call" + (", x2 for guidance on non-turbo models)"
+                                                     if self.graph in (DIT_STEP, EULER_STEP) else ")")}.get(dim, "")
             raise InputError(
                 f"{self.graph}: {dim} = {size}{what} is outside the TensorRT engine's profile range {rng}.",
                 f"rebuild the engines for it: `acestep-trt build {rebuild_hint(self.graph, dim, size)}`, "
