@@ -83,9 +83,11 @@ class FakeCudart(types.ModuleType):
         return CudaError.cudaSuccess, FakeStream(0xC0FFEE)
 
     def cudaMalloc(self, nbytes):
-        buf = np.zeros(int(nbytes) + 8, np.uint8)  # a little slack to detect nothing; bounds use nbytes
+        raw = np.zeros(int(nbytes) + 256, np.uint8)
+        offset = -raw.ctypes.data % 256  # cudaMalloc returns 256-byte-aligned memory
+        buf = raw[offset: offset + int(nbytes)]
         ptr = buf.ctypes.data
-        self.allocations[ptr] = buf[: int(nbytes)]
+        self.allocations[ptr] = buf
         self.mallocs += 1
         self.calls.append(("cudaMalloc", int(nbytes)))
         return CudaError.cudaSuccess, ptr
@@ -431,6 +433,7 @@ class Context:
         return self._out_shapes[key][name]
 
     def set_tensor_address(self, name, ptr):
+        assert int(ptr) % 256 == 0, f"{name}: address {int(ptr):#x} is not 256-byte aligned"  # conservative
         self.addresses[name] = int(ptr)
         return True
 

@@ -29,6 +29,7 @@ from ..trt.profiles import EULER_STEP, GraphProfile, euler_spec, rebuild_args
 log = logging.getLogger(__name__)
 
 SHAPE_CACHE = 4  # buffer sets kept per engine (one per distinct input shape)
+ALIGN = 256  # bytes; cudaMalloc returns 256-byte-aligned memory, offsets into it keep that alignment
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
@@ -200,12 +201,16 @@ class TrtDitGraph(TrtGraph):
         -> latents [B, T, 64] after N steps of ``x += (sigma[i+1] - sigma[i]) * dit_step(x, t[i])``.
         """
         batch, steps = latents.shape[0], len(timesteps)
-        ts = np.repeat(np.asarray(timesteps, np.float32)[:, None], batch, axis=1)  # [N, B]
-        dts = (np.asarray(sigmas[1:], np.float32) - np.asarray(sigmas[:-1], np.float32)).reshape(steps, 1, 1, 1)
-        feeds = {"latents": latents.astype(np.float32), "timestep": ts[0],
+        # per-step tables, one 256-byte-aligned slot per step (I/O addresses must be aligned)
+        slot = -(-batch * 4 // ALIGN) * ALIGN // 4  # floats per slot
+        ts = np.zeros((steps, slot), np.float32)
+        ts[:, :batch] = np.asarray(timesteps, np.float32)[:, None]
+        dts = np.zeros((steps, ALIGN // 4), np.float32)
+        dts[:, 0] = np.asarray(sigmas[1:], np.float32) - np.asarray(sigmas[:-1], np.float32)  # scheduler.euler_step
+        feeds = {"latents": latents.astype(np.float32), "timestep": ts[0, :batch],
                  "encoder_hidden_states": condition.astype(np.float32), "context_latents": context.astype(np.float32)}
         self.check(feeds)
-        self.euler.check({"sample": feeds["latents"], "velocity": feeds["latents"], "dt": dts[0]})
+        self.euler.check({"sample": feeds["latents"], "velocity": feeds["latents"], "dt": dts[0, :1].reshape(1, 1, 1)})
         dit = self.bind({n: feeds[n].shape for n in self.inputs})
         euler = self.euler.bind({"sample": latents.shape, "velocity": latents.shape, "dt": (1, 1, 1)})
         ping, pong = self._loop_buffers(latents.shape)
@@ -218,10 +223,10 @@ class TrtDitGraph(TrtGraph):
             self.cuda.upload(dts_dev.ptr, dts)
             for i in range(steps):
                 self.context.set_tensor_address("latents", ping.ptr)
-                self.context.set_tensor_address("timestep", ts_dev.ptr + i * batch * 4)
+                self.context.set_tensor_address("timestep", ts_dev.ptr + i * slot * 4)
                 self.enqueue()  # velocity -> dit["velocity"]
                 for name, ptr in (("sample", ping.ptr), ("velocity", dit["velocity"].ptr),
-                                  ("dt", dts_dev.ptr + i * 4), ("next_sample", pong.ptr)):
+                                  ("dt", dts_dev.ptr + i * ALIGN), ("next_sample", pong.ptr)):
                     self.euler.context.set_tensor_address(name, ptr)
                 self.euler.enqueue()
                 ping, pong = pong, ping
