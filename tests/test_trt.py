@@ -402,3 +402,32 @@ def test_real_tensorrt_engines_match_onnx_runtime(tiny, tmp_path):
                       latents=latents, num_inference_steps=4)
         got, ref = trt_rt(**kwargs).audios, ort_rt(**kwargs).audios
         assert float(np.max(np.abs(got - ref))) <= 1e-3
+
+
+def _real_cuda_available() -> bool:
+    try:
+        from acestep_trt.runtime.trt.libs import gpu_info
+
+        gpu_info()
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _real_cuda_available(), reason="needs cuda-bindings and a GPU")
+def test_real_cuda_buffers_round_trip():
+    """The backend's cuda-bindings plumbing on a real GPU (no TensorRT needed): upload, download, free."""
+    from acestep_trt.runtime.backends.trt import CudaStream, DeviceBuffer
+    from acestep_trt.runtime.trt.libs import import_cudart
+
+    cuda = CudaStream(import_cudart())
+    src = np.random.default_rng(0).standard_normal((2, 33, 64)).astype(np.float32)
+    buf = DeviceBuffer(cuda, src.shape, src.dtype)
+    assert buf.ptr % 256 == 0
+    cuda.upload(buf.ptr, src)
+    back = np.empty_like(src)
+    cuda.download(back, buf.ptr)
+    cuda.synchronize()
+    buf.free()
+    np.testing.assert_array_equal(back, src)
