@@ -431,3 +431,19 @@ def test_real_cuda_buffers_round_trip():
     cuda.synchronize()
     buf.free()
     np.testing.assert_array_equal(back, src)
+
+
+def test_guided_non_turbo_model_on_trt_matches_ort(variant, tmp_path, monkeypatch):
+    """Non-turbo: the DiT engine takes 2x the batch (cond + uncond); APG runs on the host each step."""
+    trt, _ = fake_trt.install(monkeypatch)
+    arts = tmp_path / "artifacts"
+    shutil.copytree(variant.artifacts, arts)
+    manifest = build_engines(arts, request=ProfileRequest(**{**SMALL.to_dict(), "max_batch": 2}))
+    assert manifest.profile("dit_step").dims["batch"] == ShapeRange(1, 2, 4)
+    ort_rt, trt_rt = AceStepRuntime.load(arts, backend="ort"), _load(arts)
+    latents = noise(2, trt_rt.config.latent_length(1.2))
+    kwargs = dict(prompt=["piano", "rock guitar solo"], audio_duration=1.2, latents=latents,
+                  num_inference_steps=3, guidance_scale=5.0)
+    got, ref = trt_rt(**kwargs).audios, ort_rt(**kwargs).audios
+    assert float(np.max(np.abs(got - ref))) <= 1e-5
+    assert trt.calls.count(("execute_async_v3", "euler")) == 0  # guided: host loop through `run`

@@ -271,7 +271,7 @@ def load_engines(artifacts: Artifacts, engine_dir: str | Path | None = None, vae
     _check_runtime_fits(trt, manifest, vae_window, artifacts.root, engine_dir)
     cuda = CudaStream(cudart, device)
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    if manifest.version_compatible:
+    if manifest.version_compatible and hasattr(runtime, "engine_host_code_allowed"):
         runtime.engine_host_code_allowed = True  # the plan embeds the lean runtime (trusted: we built it)
     out = None if engine_dir == default_engine_dir(artifacts.root) else str(engine_dir)
 

@@ -10,7 +10,7 @@ request at generate time, so a duration or batch outside the engines is a clear 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from ..errors import InputError
 from ..specs import CONDITION_ENCODER, DIT_STEP, TEXT_ENCODER, VAE_DECODER, GraphSpec, ModelConfig
@@ -125,7 +125,6 @@ class ProfileRequest:
     max_lyric_len: int = 2048
     opt_lyric_len: int = 512
     vae_window: int = DEFAULT_VAE_WINDOW
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not (0 < self.min_duration <= self.opt_duration <= self.max_duration):
@@ -135,17 +134,14 @@ class ProfileRequest:
         if not (1 <= self.opt_batch <= self.max_batch):
             raise InputError(f"batch sizes must satisfy 1 <= opt <= max, got {self.opt_batch}, {self.max_batch}.",
                              "pass --max-batch N with N >= 1.")
-        for lo, hi, what in ((self.opt_text_len, self.max_text_len, "text"),
-                             (self.opt_lyric_len, self.max_lyric_len, "lyric")):
-            if not (1 <= hi):
+        for hi, what in ((self.max_text_len, "text"), (self.max_lyric_len, "lyric")):
+            if hi < 1:
                 raise InputError(f"maximum {what} length must be >= 1, got {hi}.", f"pass a positive {what} length.")
         if self.vae_window < 1:
             raise InputError(f"vae_window must be >= 1, got {self.vae_window}.", "pass --vae-window 256.")
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("extra")
-        return data
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProfileRequest":
