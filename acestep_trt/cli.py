@@ -129,7 +129,8 @@ def _read_latents(path: Path | None):
 @click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Output .wav or .flac.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
-                 latents_file, language, bpm, keyscale, timesignature, backend, device, engine_dir, out_path, overwrite):
+                 latents_file, language, bpm, keyscale, timesignature, backend, device, engine_dir, out_path,
+                 overwrite):
     """Generate music from ARTIFACTS_DIR and write it to --out."""
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.audio import check_output_path, write_audio
@@ -172,8 +173,11 @@ def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, sh
               help="Timing cache file to read and update (default OUT/timing.cache).")
 @click.option("--workspace-gib", type=float, default=None, help="Builder workspace limit, GiB.")
 @click.option("--force", is_flag=True, help="Rebuild every engine even if it is up to date.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Compare every engine with ONNX Runtime (CPU) at the profile's opt shapes.")
 def build_cmd(artifacts_dir, out_dir, min_duration, opt_duration, max_duration, max_batch, max_text_len,
-              max_lyric_len, vae_window, precision, version_compatible, timing_cache, workspace_gib, force):
+              max_lyric_len, vae_window, precision, version_compatible, timing_cache, workspace_gib, force,
+              validate):
     """Build TensorRT engines for ARTIFACTS_DIR (needs TensorRT and an NVIDIA GPU)."""
     from acestep_trt.runtime.trt.builder import build_engines
     from acestep_trt.runtime.trt.profiles import ProfileRequest
@@ -189,6 +193,26 @@ def build_cmd(artifacts_dir, out_dir, min_duration, opt_duration, max_duration, 
     for name, record in manifest.data["graphs"].items():
         ranges = ", ".join(f"{dim} {r['min']}..{r['max']}" for dim, r in record["profile"]["dims"].items())
         click.echo(f"  {name:<18} {record['bytes'] / 2**20:8.1f} MiB  {ranges}")
+    if validate:
+        _validate_engines(artifacts_dir, manifest)
+
+
+def _validate_engines(artifacts_dir: Path, manifest) -> None:
+    """Engine vs ONNX Runtime on CPU, per graph; raises ExportValidationError (exit 5) beyond tolerance."""
+    from acestep_trt.runtime.artifacts import load_artifacts
+    from acestep_trt.runtime.backends.ort import OrtGraph
+    from acestep_trt.runtime.backends.trt import load_engines
+    from acestep_trt.runtime.trt import validate as tv
+
+    artifacts = load_artifacts(artifacts_dir)
+    trt_runners = load_engines(artifacts, manifest.root, manifest.request.vae_window)
+    ort_runners = {n: OrtGraph(artifacts.graph_path(n), s, "cpu") for n, s in artifacts.specs.items()}
+    profiles = {n: manifest.profile(n) for n in artifacts.specs}
+    rows = tv.compare_engines(artifacts, trt_runners, ort_runners, profiles, manifest.data["precision"])
+    click.echo(tv.TABLE_HEADER)
+    for row in rows:
+        click.echo(row.row())
+    tv.raise_on_failure(rows)
 
 
 @main.command("demo")

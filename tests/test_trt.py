@@ -125,6 +125,9 @@ def test_build_records_calls_profiles_and_manifest(arts, fakes):
     result = CliRunner().invoke(main, ["build", str(arts), "--min-duration", "0.5", "--opt-duration", "1",
                                        "--max-duration", "4", "--max-batch", "2", "--max-lyric-len", "512"])
     assert result.exit_code == 0, result.output
+    # engine vs ONNX Runtime table (the fake engines run the same ONNX graphs, so they agree exactly)
+    assert "encoder_attention_mask" in result.output and "FAIL" not in result.output
+    assert result.output.count(" ok") == 5
     engines = arts / "engines"
     # one strongly typed network per engine, the ONNX graphs parsed from file (external data found)
     assert [c[1] for c in trt.calls if c[0] == "create_network"] == [1 << 1] * len(ENGINE_NAMES)
@@ -368,7 +371,7 @@ def test_auto_picks_trt_when_engines_fit_else_ort(arts, monkeypatch):
 def test_engine_dir_option(arts, fakes, tmp_path):
     out = tmp_path / "eng"
     result = CliRunner().invoke(main, ["build", str(arts), "--out", str(out), "--max-duration", "4",
-                                       "--min-duration", "0.5", "--opt-duration", "1"])
+                                       "--min-duration", "0.5", "--opt-duration", "1", "--no-validate"])
     assert result.exit_code == 0, result.output
     assert (out / ENGINE_MANIFEST).is_file() and not (arts / "engines").exists()
     rt = AceStepRuntime.load(arts, backend="auto", device="cuda", engine_dir=out)
@@ -447,3 +450,18 @@ def test_guided_non_turbo_model_on_trt_matches_ort(variant, tmp_path, monkeypatc
     got, ref = trt_rt(**kwargs).audios, ort_rt(**kwargs).audios
     assert float(np.max(np.abs(got - ref))) <= 1e-5
     assert trt.calls.count(("execute_async_v3", "euler")) == 0  # guided: host loop through `run`
+
+
+def test_engine_validation_reports_a_differing_engine(built, fakes, monkeypatch):
+    """`build --validate` fails (exit 5) with the table when an engine disagrees with ONNX Runtime."""
+    original = fake_trt.Context._compute
+
+    def skewed(self, feeds):
+        out = original(self, feeds)
+        return {k: (v + np.float32(0.5) if v.dtype == np.float32 else v) for k, v in out.items()}
+
+    monkeypatch.setattr(fake_trt.Context, "_compute", skewed)
+    result = CliRunner().invoke(main, ["build", str(built), "--min-duration", "0.5", "--opt-duration", "1",
+                                       "--max-duration", "4", "--max-lyric-len", "512"])
+    assert result.exit_code == 5, result.output
+    assert "FAIL" in result.output and "differ from ONNX Runtime beyond tolerance" in result.output
