@@ -136,16 +136,21 @@ class TrtGraph:
         self.profile.check(bound, self._hint, self._lps)
         return bound
 
-    def bind(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, DeviceBuffer]:
-        """Set input shapes and tensor addresses for ``shapes``; buffers are allocated once per shape."""
-        key = tuple((n, tuple(shapes[n])) for n in self.inputs)
-        if key == self._bound:
-            return self._sets[key]
+    def set_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Set the context's input shapes (within the profile: checked before) and read the output shapes."""
         for name in self.inputs:
             if not self.context.set_input_shape(name, tuple(shapes[name])):
                 raise BackendError(f"TensorRT refused shape {shapes[name]} for {self.name}.{name}.",
                                    "rebuild the engines with a profile that covers it, or use --backend ort.")
         self.out_shapes = {o: tuple(int(d) for d in self.context.get_tensor_shape(o)) for o in self.outputs}
+        self._bound = None  # addresses must be set again for these shapes
+
+    def bind(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, DeviceBuffer]:
+        """Set input shapes and tensor addresses for ``shapes``; buffers are allocated once per shape."""
+        key = tuple((n, tuple(shapes[n])) for n in self.inputs)
+        if key == self._bound:
+            return self._sets[key]
+        self.set_shapes(shapes)
         if key not in self._sets:
             self._sets[key] = {n: DeviceBuffer(self.cuda, shapes[n], self.dtypes[n]) for n in self.inputs}
             self._sets[key].update({o: DeviceBuffer(self.cuda, s, self.dtypes[o]) for o, s in self.out_shapes.items()})
@@ -191,7 +196,8 @@ class TrtDitGraph(TrtGraph):
     def __init__(self, *args, euler: TrtGraph, **kwargs):
         super().__init__(*args, **kwargs)
         self.euler = euler
-        self._loop: dict[tuple, tuple[DeviceBuffer, DeviceBuffer]] = {}
+        self._loop: dict[tuple, DeviceBuffer] = {}  # latents shape -> second latent buffer (ping-pong)
+        self._tables: dict[tuple, tuple[DeviceBuffer, DeviceBuffer]] = {}  # (steps, slot) -> timesteps, dts
 
     def denoise(self, latents: np.ndarray, condition: np.ndarray, context: np.ndarray, timesteps: np.ndarray,
                 sigmas: np.ndarray) -> np.ndarray:
@@ -199,22 +205,24 @@ class TrtDitGraph(TrtGraph):
 
         latents [B, T, 64], condition [B, C, H], context [B, T, 128], timesteps [N], sigmas [N + 1]
         -> latents [B, T, 64] after N steps of ``x += (sigma[i+1] - sigma[i]) * dit_step(x, t[i])``.
+        Uploads latents, condition, context and the per-step tables once; downloads the result once.
         """
         batch, steps = latents.shape[0], len(timesteps)
         # per-step tables, one 256-byte-aligned slot per step (I/O addresses must be aligned)
         slot = -(-batch * 4 // ALIGN) * ALIGN // 4  # floats per slot
-        ts = np.zeros((steps, slot), np.float32)
+        ts = np.zeros((steps, slot), np.float32)  # [N, slot]: t[i] repeated for the batch
         ts[:, :batch] = np.asarray(timesteps, np.float32)[:, None]
-        dts = np.zeros((steps, ALIGN // 4), np.float32)
+        dts = np.zeros((steps, ALIGN // 4), np.float32)  # [N, 64]: dt[i] in column 0
         dts[:, 0] = np.asarray(sigmas[1:], np.float32) - np.asarray(sigmas[:-1], np.float32)  # scheduler.euler_step
         feeds = {"latents": latents.astype(np.float32), "timestep": ts[0, :batch],
                  "encoder_hidden_states": condition.astype(np.float32), "context_latents": context.astype(np.float32)}
+        euler_shapes = {"sample": latents.shape, "velocity": latents.shape, "dt": (1, 1, 1)}
         self.check(feeds)
-        self.euler.check({"sample": feeds["latents"], "velocity": feeds["latents"], "dt": dts[0, :1].reshape(1, 1, 1)})
+        self.euler.check({"sample": feeds["latents"], "velocity": feeds["latents"], "dt": dts[:1, :1, None]})
         dit = self.bind({n: feeds[n].shape for n in self.inputs})
-        euler = self.euler.bind({"sample": latents.shape, "velocity": latents.shape, "dt": (1, 1, 1)})
-        ping, pong = self._loop_buffers(latents.shape)
-        ts_dev, dts_dev = DeviceBuffer(self.cuda, ts.shape, np.float32), DeviceBuffer(self.cuda, dts.shape, np.float32)
+        self.euler.set_shapes(euler_shapes)  # its I/O addresses are the dit buffers, set per step below
+        ping, pong = dit["latents"], self._pong(latents.shape)
+        ts_dev, dts_dev = self._step_tables(ts.shape, dts.shape)
         try:
             for name in ("encoder_hidden_states", "context_latents"):
                 self.cuda.upload(dit[name].ptr, feeds[name])
@@ -235,18 +243,35 @@ class TrtDitGraph(TrtGraph):
             self.cuda.synchronize()
         finally:
             self._bound = self.euler._bound = None  # addresses were moved: rebind on the next run
-            ts_dev.free()  # cudaFree waits for the queued work that uses it
-            dts_dev.free()
         return result
 
-    def _loop_buffers(self, shape: tuple[int, ...]) -> tuple[DeviceBuffer, DeviceBuffer]:
+    def _pong(self, shape: tuple[int, ...]) -> DeviceBuffer:
+        """The second latent buffer for ``shape``, allocated once per shape (the last one is kept)."""
         key = tuple(shape)
         if key not in self._loop:
-            for bufs in self._loop.values():
-                for buf in bufs:
-                    buf.free()
-            self._loop = {key: (DeviceBuffer(self.cuda, key, np.float32), DeviceBuffer(self.cuda, key, np.float32))}
+            self._free(self._loop)
+            self._loop = {key: DeviceBuffer(self.cuda, key, np.float32)}
         return self._loop[key]
+
+    def _step_tables(self, ts_shape, dts_shape) -> tuple[DeviceBuffer, DeviceBuffer]:
+        key = (tuple(ts_shape), tuple(dts_shape))
+        if key not in self._tables:
+            self._free(self._tables)
+            self._tables = {key: (DeviceBuffer(self.cuda, ts_shape, np.float32),
+                                  DeviceBuffer(self.cuda, dts_shape, np.float32))}
+        return self._tables[key]
+
+    def _free(self, table: dict) -> None:
+        self.cuda.synchronize()
+        for value in table.values():
+            for buf in value if isinstance(value, tuple) else (value,):
+                buf.free()
+
+    def close(self) -> None:
+        super().close()
+        self._free(self._loop)
+        self._free(self._tables)
+        self._loop, self._tables = {}, {}
 
 
 # ---------------------------------------------------------------------------------------------- loading
