@@ -33,7 +33,7 @@ def import_tensorrt(lean_ok: bool = False):
     for name in names:
         try:
             module = importlib.import_module(name)
-        except (ImportError, OSError) as exc:  # OSError: the wheel is there but its native libraries are not
+        except Exception as exc:  # noqa: BLE001 - ImportError, or OSError/RuntimeError from missing native libraries
             failures.append(f"{name}: {str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__}")
             continue
         if not hasattr(module, "Runtime"):  # the PyPI placeholder packages install a module without the API
