@@ -124,10 +124,13 @@ def _read_latents(path: Path | None):
 @click.option("--timesignature", default=None, help='Time signature, e.g. "4".')
 @click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--engines", "engine_dir", type=click.Path(path_type=Path), default=None,
+              help="TensorRT engine directory (default ARTIFACTS_DIR/engines).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Output .wav or .flac.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
-                 latents_file, language, bpm, keyscale, timesignature, backend, device, out_path, overwrite):
+                 latents_file, language, bpm, keyscale, timesignature, backend, device, engine_dir, out_path,
+                 overwrite):
     """Generate music from ARTIFACTS_DIR and write it to --out."""
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.audio import check_output_path, write_audio
@@ -139,7 +142,7 @@ def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, sh
     check_prompts(prompt)
     check_arguments(duration, steps, shift, guidance_scale)
     started = time.perf_counter()
-    rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device)
+    rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device, engine_dir=engine_dir)
     load_s = time.perf_counter() - started
     out = rt(prompt=prompt, lyrics=lyrics_text, audio_duration=duration, vocal_language=language,
              num_inference_steps=steps, guidance_scale=guidance_scale, shift=shift, seed=seed, latents=latents,
@@ -172,7 +175,6 @@ def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, de
     from acestep_trt.export.bench import BenchConfig, format_report, run_bench
     from acestep_trt.export.checkpoint import inspect_checkpoint
     from acestep_trt.runtime.artifacts import read_manifest
-
     from acestep_trt.runtime.pipeline import check_arguments
 
     inspect_checkpoint(model_dir)
@@ -189,6 +191,69 @@ def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, de
     click.echo(format_report(report))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
+
+
+@main.command("build")
+@click.argument("artifacts_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Engine directory (default ARTIFACTS_DIR/engines).")
+@click.option("--min-duration", type=float, default=10.0, show_default=True, help="Shortest clip, seconds.")
+@click.option("--opt-duration", type=float, default=60.0, show_default=True, help="Clip length tuned for.")
+@click.option("--max-duration", type=float, default=240.0, show_default=True, help="Longest clip, seconds.")
+@click.option("--max-batch", type=int, default=1, show_default=True,
+              help="Prompts per call (the DiT engine takes twice this on non-turbo models, for guidance).")
+@click.option("--max-text-len", type=int, default=256, show_default=True, help="Prompt tokens (runtime max 256).")
+@click.option("--max-lyric-len", type=int, default=2048, show_default=True, help="Lyric tokens (runtime max 2048).")
+@click.option("--vae-window", type=int, default=256, show_default=True,
+              help="Latent frames per VAE window (the runtime's vae_window).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32"]), default="fp32", show_default=True,
+              help="fp32 graphs: exact fp32 or TF32 matmuls. Reduced precision comes from the ONNX graph.")
+@click.option("--version-compatible", is_flag=True,
+              help="Engines that later TensorRT releases and the lean runtime (tensorrt-lean) can run.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Timing cache file to read and update (default OUT/timing.cache).")
+@click.option("--workspace-gib", type=float, default=None, help="Builder workspace limit, GiB.")
+@click.option("--force", is_flag=True, help="Rebuild every engine even if it is up to date.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Compare every engine with ONNX Runtime (CPU) at the profile's opt shapes.")
+def build_cmd(artifacts_dir, out_dir, min_duration, opt_duration, max_duration, max_batch, max_text_len,
+              max_lyric_len, vae_window, precision, version_compatible, timing_cache, workspace_gib, force,
+              validate):
+    """Build TensorRT engines for ARTIFACTS_DIR (needs TensorRT and an NVIDIA GPU)."""
+    from acestep_trt.runtime.trt.builder import build_engines
+    from acestep_trt.runtime.trt.profiles import ProfileRequest
+
+    request = ProfileRequest(min_duration=min_duration, opt_duration=opt_duration, max_duration=max_duration,
+                             max_batch=max_batch, max_text_len=max_text_len,
+                             max_lyric_len=max_lyric_len, vae_window=vae_window)
+    started = time.perf_counter()
+    manifest = build_engines(artifacts_dir, out_dir, request, precision, version_compatible, timing_cache,
+                             workspace_gib, force)
+    click.echo(f"engines written to {manifest.root} (TensorRT {manifest.tensorrt_version}, compute capability "
+               f"{manifest.compute_capability}, {time.perf_counter() - started:.1f} s)")
+    for name, record in manifest.data["graphs"].items():
+        ranges = ", ".join(f"{dim} {r['min']}..{r['max']}" for dim, r in record["profile"]["dims"].items())
+        click.echo(f"  {name:<18} {record['bytes'] / 2**20:8.1f} MiB  {ranges}")
+    if validate:
+        _validate_engines(artifacts_dir, manifest)
+
+
+def _validate_engines(artifacts_dir: Path, manifest) -> None:
+    """Engine vs ONNX Runtime on CPU, per graph; raises ExportValidationError (exit 5) beyond tolerance."""
+    from acestep_trt.runtime.artifacts import load_artifacts
+    from acestep_trt.runtime.backends.ort import OrtGraph
+    from acestep_trt.runtime.backends.trt import load_engines
+    from acestep_trt.runtime.trt import validate as tv
+
+    artifacts = load_artifacts(artifacts_dir)
+    trt_runners = load_engines(artifacts, manifest.root, manifest.request.vae_window)
+    ort_runners = {n: OrtGraph(artifacts.graph_path(n), s, "cpu") for n, s in artifacts.specs.items()}
+    profiles = {n: manifest.profile(n) for n in artifacts.specs}
+    rows = tv.compare_engines(artifacts, trt_runners, ort_runners, profiles, manifest.data["precision"])
+    click.echo(tv.TABLE_HEADER)
+    for row in rows:
+        click.echo(row.row())
+    tv.raise_on_failure(rows)
 
 
 @main.command("demo")

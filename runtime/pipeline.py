@@ -24,12 +24,11 @@ from .errors import InputError
 from .prompt import TEXT2MUSIC_INSTRUCTION, format_prompt
 from .specs import CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, TEXT_ENCODER, VAE_DECODER
 from .tokenizer import TextTokenizer
-from .vae import decode_windowed, normalize_peak
+from .vae import DEFAULT_VAE_WINDOW, decode_windowed, normalize_peak
 
 log = logging.getLogger(__name__)
 
 TIMBRE_SECONDS = 30  # the pipeline feeds silence_latent[:, :ceil(30 * 25)] to the timbre encoder
-DEFAULT_VAE_WINDOW = 256  # latent frames per decoded window core (~10 s)
 
 
 @dataclass
@@ -118,22 +117,30 @@ class AceStepRuntime:
         vae_window: int = DEFAULT_VAE_WINDOW,
         threads: int | None = None,
         device_loop: bool | None = None,
+        engine_dir: str | Path | None = None,
     ) -> "AceStepRuntime":
         """Verify ``artifacts_dir`` and open every graph on ``backend``/``device``.
 
         ``device_loop`` keeps latents in device buffers across the denoising steps (IO binding);
         default: on for CUDA, off for CPU (where it works too, and is tested).
+        ``engine_dir``: TensorRT engines (``acestep-trt build``), default ``ARTIFACTS_DIR/engines``.
         """
         from .backends.ort import OrtGraph, check_device
 
-        kind = resolve_backend(backend, device)
+        kind = resolve_backend(backend, device, artifacts_dir, engine_dir)
         if kind == "ort":
             check_device(device)
         _finite_positive(vae_window, "vae_window", int)
         artifacts = load_artifacts(artifacts_dir, verify=verify)
-        runners = {
-            name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device, threads) for name in GRAPH_NAMES
-        }
+        if kind == "trt":  # TensorRT engines (runtime/backends/trt.py)
+            from .backends.trt import load_engines
+
+            runners = load_engines(artifacts, engine_dir, int(vae_window))
+        else:
+            runners = {
+                name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device, threads)
+                for name in GRAPH_NAMES
+            }
         return cls(artifacts, runners, kind, device, int(vae_window), device_loop)
 
     @property
@@ -311,8 +318,12 @@ class AceStepRuntime:
         ts, sigmas = sched.scheduler_sigmas(schedule, self.artifacts.scheduler)
         started = time.perf_counter()
         disable = None if show_progress is None else not show_progress  # None: only on a terminal
+        engine_loop = getattr(self.runners[DIT_STEP], "denoise", None)  # TensorRT: whole loop on the GPU
         with tqdm(total=len(ts), desc="denoise", unit="step", disable=disable, leave=False) as bar:
-            if self.device_loop and guidance is None:
+            if guidance is None and engine_loop is not None:
+                x = engine_loop(noise, condition, context, ts, sigmas)
+                bar.update(len(ts))
+            elif guidance is None and self.device_loop:
                 x = self.denoise_device(noise, ts, sigmas, condition, context, bar)
             else:  # APG guidance mixes the two halves on the host every step
                 x = self.denoise_host(noise, ts, sigmas, condition, context, guidance, bar)

@@ -11,6 +11,8 @@ from typing import Callable
 
 import numpy as np
 
+DEFAULT_VAE_WINDOW = 256  # latent frames per decoded window core (~10 s); TensorRT VAE profiles follow it
+
 
 def decode_windowed(
     decode: Callable[[np.ndarray], np.ndarray],

@@ -10,7 +10,7 @@ import pytest
 
 from acestep_trt.runtime import AceStepRuntime
 
-from .conftest import noise, reference_audio
+from .conftest import has_ort_cuda, noise, reference_audio
 
 ATOL = 1e-4
 
@@ -119,6 +119,8 @@ def test_device_loop_with_io_binding_matches_diffusers(tiny, batch):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_cuda_runtime_matches_diffusers(tiny, batch):
     """ONNX Runtime CUDA with the device-resident loop (runs only where a GPU and onnxruntime-gpu exist)."""
+    if not has_ort_cuda():
+        pytest.skip("onnxruntime-gpu (CUDAExecutionProvider) is not installed")
     rt = AceStepRuntime.load(tiny.artifacts, device="cuda")
     assert rt.device_loop and all(r.providers[0] == "CUDAExecutionProvider" for r in rt.runners.values())
     prompts = ["piano", "rock guitar and drums"][:batch]

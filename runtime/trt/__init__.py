@@ -1,0 +1,10 @@
+"""TensorRT engines for the four graphs: optimisation profiles, the engine manifest and the builder.
+
+Nothing here imports ``tensorrt`` at module import time: the library is imported when a build or a
+load starts, so that the runtime works (on ONNX Runtime) where TensorRT is not installed.
+
+- :mod:`.profiles`: typed shape ranges derived from the graph specs and the user's duration/batch ranges.
+- :mod:`.libs`: importing TensorRT and cuda-bindings, GPU compute capability, with install hints.
+- :mod:`.manifest`: ``engines.json`` (what each engine was built from and with) and the refusal checks.
+- :mod:`.builder`: ``build_engines`` through the TensorRT Python API (``acestep-trt build``).
+"""
