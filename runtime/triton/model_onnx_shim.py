@@ -28,16 +28,10 @@ class TritonPythonModel:
         options.intra_op_num_threads = 1  # several instances and models share the host's cores
         path = Path(__file__).resolve().parent / "model.onnx"
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        self.ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
-
-    def _feed(self, request, name):
-        array = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-        if array.ndim == self.ranks[name] + 1 and array.shape[-1] == 1:  # un-applied `reshape: []`
-            array = array.reshape(array.shape[:-1])
-        return array
 
     def _one(self, request):
-        feeds = {name: self._feed(request, name) for name in self.inputs}
+        # Triton has already applied the config's `reshape` (timestep arrives as [B], not [B, 1]).
+        feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
         values = self.session.run(self.outputs, feeds)
         return pb_utils.InferenceResponse([pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in zip(self.outputs, values)])
 
