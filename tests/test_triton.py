@@ -339,3 +339,25 @@ def test_cli_triton_client_writes_wav(server, runtime, tmp_path):
     refused = CliRunner().invoke(main, ["triton-client", "--url", server.http_url, "--prompt", "x",
                                         "--duration", "-2", "--out", str(tmp_path / "bad.wav")])
     assert refused.exit_code == BackendError.exit_code and not (tmp_path / "bad.wav").exists()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_example_client_script(server, runtime, protocol, tmp_path):
+    """scripts/triton_client_example.py (tritonclient only) writes the runtime's audio as 16-bit PCM."""
+    import subprocess
+
+    import soundfile as sf
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    out = tmp_path / f"{protocol}.wav"
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "triton_client_example.py"), "--url", url, "--protocol",
+           protocol, "--prompt", "warm jazz trio", "--duration", "1", "--seed", "3", "--steps", "4", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data, rate = sf.read(out, dtype="float32")
+    expected = runtime(prompt="warm jazz trio", audio_duration=1.0, seed=3, num_inference_steps=4,
+                       show_progress=False).audios[0]
+    assert rate == 48000 and np.max(np.abs(data.T - expected)) <= 1.5 / 32767  # 16-bit quantisation
+    bad = subprocess.run(cmd[:-2] + ["--duration", "-1", "--out", str(tmp_path / "bad.wav")], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "audio_duration" in bad.stderr and not (tmp_path / "bad.wav").exists()
