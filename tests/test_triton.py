@@ -160,6 +160,21 @@ def test_cli_triton_errors(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
+def test_orchestrator_refuses_tampered_artifacts(tiny, tmp_path):
+    """The orchestrator verifies its copied files (not the graphs, which live in the graph models)."""
+    from acestep_trt.runtime.errors import ArtifactError
+    from acestep_trt.runtime.triton.serving import load_orchestrator_artifacts
+
+    repo = write_repository(tiny.artifacts, tmp_path / "repo")
+    files = repo / "acestep" / "1" / "artifacts"
+    assert load_orchestrator_artifacts(files).config.is_turbo
+    assert not list(files.glob("*.onnx*"))
+    tokenizer = files / "tokenizer" / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match="truncated"):
+        load_orchestrator_artifacts(files)
+
+
 def test_request_parsing():
     arrays = {"prompt": np.array([b"piano"], dtype=object), "seed": np.array([3], np.int64),
               "audio_duration": np.array([2.5], np.float32)}
