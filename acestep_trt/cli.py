@@ -291,5 +291,84 @@ def demo_cmd(out_dir: Path, duration: float, overwrite: bool) -> None:
         click.echo(f"  {name:<24} {seconds:7.2f} s")
 
 
+@main.command("triton")
+@click.argument("artifacts_dir", type=click.Path(path_type=Path))
+@click.argument("repository_dir", type=click.Path(path_type=Path))
+@click.option("--engines", type=click.Path(path_type=Path), default=None,
+              help="TensorRT engine directory (<graph>.plan): graph models become tensorrt_plan.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Instances of every model.")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="max_batch_size of the graph models (the DiT gets twice that for guided checkpoints).")
+@click.option("--python-onnx-shim", is_flag=True,
+              help="Also write python-backend stand-ins of the ONNX models (configs/python_onnx.pbtxt) for "
+                   "servers without the onnxruntime backend; see docs/triton.md.")
+@click.option("--overwrite", is_flag=True, help="Replace REPOSITORY_DIR if it exists.")
+def triton_cmd(artifacts_dir, repository_dir, engines, instances, max_batch, python_onnx_shim, overwrite):
+    """Write a Triton model repository for ARTIFACTS_DIR to REPOSITORY_DIR."""
+    from acestep_trt.runtime.triton.repository import RepositoryOptions, write_repository
+
+    options = RepositoryOptions(engines=engines, instances=instances, max_batch=max_batch,
+                                python_onnx_shim=python_onnx_shim)
+    write_repository(artifacts_dir, repository_dir, options, overwrite=overwrite)
+    kind = "tensorrt_plan" if engines else "onnxruntime_onnx"
+    click.echo(f"wrote {repository_dir}: acestep (python, BLS) + 4 graph models ({kind})")
+
+
+@main.command("triton-client")
+@click.option("--url", default="127.0.0.1:8000", show_default=True, help="host:port of the HTTP or gRPC endpoint.")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--model", default="acestep", show_default=True, help="Orchestrator model name.")
+@click.option("--prompt", required=True, help="Description of the music.")
+@click.option("--lyrics", default=None, help="Lyrics text.")
+@click.option("--duration", type=float, default=30.0, show_default=True, help="Seconds of audio.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (server default: 8).")
+@click.option("--shift", type=float, default=None, help="Timestep schedule shift (server default: 3.0).")
+@click.option("--seed", type=int, default=None, help="Noise seed; random if omitted.")
+@click.option("--language", default=None, help="Vocal language code.")
+@click.option("--bpm", type=int, default=None)
+@click.option("--keyscale", default=None)
+@click.option("--timesignature", default=None)
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for the audio.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Output .wav or .flac.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def triton_client_cmd(url, protocol, model, prompt, lyrics, duration, steps, shift, seed, language, bpm, keyscale,
+                      timesignature, timeout, out_path, overwrite):
+    """Send a prompt to a Triton server running the acestep model and write the audio to --out."""
+    from acestep_trt.runtime.audio import check_output_path, write_audio
+    from acestep_trt.runtime.triton.client import request_audio
+
+    check_output_path(out_path, overwrite)
+    started = time.perf_counter()
+    audio, rate = request_audio(url, protocol, model=model, timeout=timeout, prompt=prompt, lyrics=lyrics,
+                                audio_duration=duration, num_inference_steps=steps, shift=shift, seed=seed,
+                                vocal_language=language, bpm=bpm, keyscale=keyscale, timesignature=timesignature)
+    write_audio(out_path, audio, rate, overwrite)
+    click.echo(f"wrote {out_path} ({audio.shape[-1] / rate:g} s at {rate} Hz via {protocol}; "
+               f"{time.perf_counter() - started:.2f}s)")
+
+
+@main.command("triton-serve")
+@click.argument("repository_dir", type=click.Path(path_type=Path))
+@click.option("--python", "python_exe", type=click.Path(path_type=Path), default=Path(".venv-triton/bin/python"),
+              show_default=True, help="Python of the environment with nvidia-pytriton and numpy<2.")
+@click.option("--model-config-name", default=None, help="e.g. python_onnx, to serve the ONNX shims.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Server log and backends copy.")
+def triton_serve_cmd(repository_dir, python_exe, model_config_name, workdir):
+    """Run nvidia-pytriton's tritonserver on 127.0.0.1 for REPOSITORY_DIR until interrupted (development)."""
+    import signal
+    import tempfile
+
+    from acestep_trt.runtime.triton.server import LocalTritonServer
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on SIGTERM as on Ctrl-C
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="acestep-triton-"))
+    server = LocalTritonServer(repository_dir.resolve(), python_exe.absolute(), workdir, model_config_name)
+    with server:
+        click.echo(f"Triton ready: http {server.http_url}, grpc {server.grpc_url} (log {server.log_path})")
+        while server.alive():
+            time.sleep(1)
+        click.echo(f"tritonserver exited:\n{server.log_tail(2000)}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,171 @@
+"""What the ``acestep`` orchestrator runs inside Triton's python backend.
+
+The generation loop is :class:`~acestep_trt.runtime.AceStepRuntime`'s own: only its ``runners`` differ.
+Locally a runner is an ONNX Runtime session; here it is a :class:`BlsGraph` that sends the same feeds to
+the graph model of the same name through Business Logic Scripting (BLS). ``pb_utils`` (the module
+``triton_python_backend_utils``, which exists only inside the python backend stub) is passed in, so this
+module imports and unit-tests without Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..artifacts import Artifacts, read_manifest, verify_files
+from ..errors import ArtifactError, BackendError, InputError
+from ..pipeline import AceStepRuntime
+from ..specs import GRAPH_NAMES, GraphSpec, ModelConfig
+from .config import wire_shape
+
+log = logging.getLogger(__name__)
+
+ORCHESTRATOR_JSON = "orchestrator.json"
+ARTIFACTS_SUBDIR = "artifacts"
+_REGENERATE = "re-run `acestep-trt triton ARTIFACTS_DIR REPOSITORY_DIR --overwrite`."
+
+
+class BlsGraph:
+    """A graph runner that executes graph model ``model_name`` through BLS.
+
+    ``run(feeds)`` takes and returns NumPy arrays keyed by spec tensor names, like ``OrtGraph.run``.
+    """
+
+    def __init__(self, spec: GraphSpec, model_name: str, pb_utils):
+        self.name = spec.name
+        self.spec = spec
+        self.model_name = model_name
+        self.providers = [f"triton:{model_name}"]
+        self._pb = pb_utils
+        self._outputs = [t.name for t in spec.outputs]
+
+    def _request(self, feeds: dict[str, np.ndarray]):
+        pb = self._pb
+        inputs = [pb.Tensor(t.name, np.ascontiguousarray(wire_shape(t, feeds[t.name]))) for t in self.spec.inputs]
+        kwargs = {"model_name": self.model_name, "requested_output_names": self._outputs, "inputs": inputs}
+        if hasattr(pb, "PreferredMemory"):  # ask for host outputs: the loop runs in NumPy
+            kwargs["preferred_memory"] = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0)
+        return pb.InferenceRequest(**kwargs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.spec.check_feeds(feeds)
+        response = self._request(feeds).exec()
+        if response.has_error():
+            raise BackendError(f"graph model {self.model_name!r} failed: {response.error().message()}",
+                               "check the Triton server log for that model.")
+        out = {}
+        for name in self._outputs:
+            tensor = self._pb.get_output_tensor_by_name(response, name)
+            if not tensor.is_cpu():
+                raise BackendError(f"graph model {self.model_name!r} returned {name} in GPU memory.",
+                                   "use a Triton release whose BLS honours preferred_memory (23.04 or later).")
+            out[name] = tensor.as_numpy()
+        return out
+
+
+def _is_graph_file(path: str, onnx_names: list[str]) -> bool:
+    return any(path == name or path.startswith(name + ".") for name in onnx_names)
+
+
+def load_orchestrator_artifacts(root: Path) -> Artifacts:
+    """The artifact files the orchestrator needs (manifest, constants, tokenizer) without the graphs.
+
+    The manifest is the export's own (provenance); the graph files it lists live in the graph models,
+    so only the other files are verified (sizes and SHA-256).
+    """
+    manifest = read_manifest(root)
+    try:
+        config = ModelConfig.from_dict(manifest["model"])
+        specs = {name: GraphSpec.from_dict(manifest["graphs"][name]["spec"]) for name in GRAPH_NAMES}
+        onnx_names = [manifest["graphs"][name]["onnx"] for name in GRAPH_NAMES]
+        records = [r for r in manifest["files"] if not _is_graph_file(r["path"], onnx_names)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{root} has an incomplete manifest (missing {exc}).", _REGENERATE) from None
+    verify_files(root, records, full_hash=True)
+    return Artifacts(root=root, manifest=manifest, config=config, specs=specs)
+
+
+def load_orchestrator(version_dir: Path, pb_utils) -> AceStepRuntime:
+    """``AceStepRuntime`` whose runners call the graph models named in ``orchestrator.json`` via BLS."""
+    try:
+        settings = json.loads((version_dir / ORCHESTRATOR_JSON).read_text(encoding="utf-8"))
+        graph_models = settings["graph_models"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{version_dir / ORCHESTRATOR_JSON} is missing or invalid ({exc}).", _REGENERATE) from None
+    artifacts = load_orchestrator_artifacts(version_dir / ARTIFACTS_SUBDIR)
+    runners = {name: BlsGraph(artifacts.specs[name], graph_models[name], pb_utils) for name in GRAPH_NAMES}
+    return AceStepRuntime(artifacts, runners, backend="triton", device="triton",
+                          vae_window=int(settings.get("vae_window", 256)))
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+_STRINGS = ("prompt", "lyrics", "vocal_language", "keyscale", "timesignature")
+_FLOATS = ("audio_duration", "shift", "guidance_scale")
+_INTS = ("seed", "num_inference_steps", "bpm")
+
+
+def _scalar(name: str, array: np.ndarray):
+    if array.size != 1:
+        raise InputError(f"`{name}` must hold exactly one value, got shape {list(array.shape)}.",
+                         f"send {name} with shape [1].")
+    return array.reshape(-1)[0]
+
+
+def _text(name: str, value) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"`{name}` is not valid UTF-8.", f"send {name} as UTF-8 text.") from None
+    if isinstance(value, str):
+        return value
+    raise InputError(f"`{name}` must be a string (BYTES), got {type(value).__name__}.", f"send {name} as BYTES.")
+
+
+def _number(name: str, value, kind):
+    if kind is int:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+            raise InputError(f"`{name}` must be an integer, got {value!r}.", f"send {name} as INT64.")
+        return int(value)
+    if not isinstance(value, (float, int, np.floating, np.integer)) or isinstance(value, (bool, np.bool_)):
+        raise InputError(f"`{name}` must be a number, got {value!r}.", f"send {name} as FP32.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InputError(f"`{name}` must be finite, got {value}.", f"send a finite {name}.")
+    return value
+
+
+def request_kwargs(get: Callable[[str], np.ndarray | None]) -> dict:
+    """Runtime keyword arguments from request tensors. ``get(name)`` returns the array or None when absent.
+
+    Raises :class:`InputError` for a missing prompt, a non-scalar tensor, a wrong type or a negative seed;
+    numeric ranges (duration, steps, shift) are checked by the runtime itself.
+    """
+    kwargs: dict = {}
+    for name in _STRINGS + _FLOATS + _INTS:
+        array = get(name)
+        if array is None:
+            continue
+        value = _scalar(name, np.asarray(array))
+        if name in _STRINGS:
+            kwargs[name] = _text(name, value)
+        else:
+            kwargs[name] = _number(name, value, int if name in _INTS else float)
+    if "prompt" not in kwargs:
+        raise InputError("the request has no `prompt`.", "send a BYTES tensor `prompt` of shape [1].")
+    if kwargs.get("seed", 0) < 0:
+        raise InputError(f"`seed` must be >= 0, got {kwargs['seed']}.", "send a non-negative INT64 seed.")
+    kwargs.setdefault("audio_duration", 30.0)
+    return kwargs
+
+
+def generate(runtime: AceStepRuntime, kwargs: dict) -> tuple[np.ndarray, int]:
+    """One request through the runtime's loop -> (audio [channels, samples] float32, sample rate)."""
+    out = runtime(**kwargs, show_progress=False)
+    return np.ascontiguousarray(out.audios[0], dtype=np.float32), int(out.sample_rate)
