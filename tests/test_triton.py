@@ -191,8 +191,10 @@ def test_request_parsing():
 # ----------------------------------------------------------------------------------- the real server
 
 
-def test_repository_loads(server):
+def test_repository_loads(server, tiny):
     import tritonclient.http as http
+
+    from acestep_trt.runtime.artifacts import load_artifacts
 
     client = http.InferenceServerClient(server.http_url)
     assert client.is_server_ready()
@@ -200,8 +202,9 @@ def test_repository_loads(server):
         assert client.is_model_ready(name), name
     served = client.get_model_config(DIT_STEP)  # the server's parsed view of the generated config
     assert served["max_batch_size"] == MAX_BATCH and served["backend"] == "python"
-    assert [i["name"] for i in served["input"]] == ["latents", "timestep", "encoder_hidden_states",
-                                                     "context_latents"]
+    spec = load_artifacts(tiny.artifacts).specs[DIT_STEP]
+    assert [i["name"] for i in served["input"]] == [t.name for t in spec.inputs]
+    assert [o["name"] for o in served["output"]] == [t.name for t in spec.outputs]
     client.close()
 
 
