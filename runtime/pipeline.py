@@ -287,7 +287,9 @@ class AceStepRuntime:
         languages = _as_list(vocal_language, batch, "vocal_language")
         audio_duration = 60.0 if audio_duration is None else audio_duration
         check_arguments(audio_duration, num_inference_steps, shift, guidance_scale, task_type, output_type,
-                            cfg_interval_start, cfg_interval_end, timesteps)
+                        cfg_interval_start, cfg_interval_end, timesteps)
+        frames = self.config.latent_length(audio_duration)
+        noise, seeds = self._initial_latents(latents, seed, batch, frames)  # refuse bad latents before any work
         if instruction is None:
             instruction = TEXT2MUSIC_INSTRUCTION
         timings: dict[str, float] = {}
@@ -300,12 +302,10 @@ class AceStepRuntime:
         condition = self.encode_condition(text_h, text_m, lyric_h, lyric_m)
         timings["encode"] = time.perf_counter() - started
 
-        frames = self.config.latent_length(audio_duration)
         context = np.concatenate(
             [self.silence_latents(frames, batch), np.ones((batch, frames, self.config.latent_channels), np.float32)],
             axis=-1,
         )  # [B, T, 128]: source latents + chunk mask (all ones for text2music)
-        noise, seeds = self._initial_latents(latents, seed, batch, frames)
 
         guidance = None
         if guidance_scale > 1.0 and not self.config.is_turbo:
