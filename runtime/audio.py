@@ -36,6 +36,9 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, overwrite
     os.close(fd)
     try:
         sf.write(tmp, np.clip(audio.T, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp files are private; give the output the user's usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

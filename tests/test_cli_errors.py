@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +86,9 @@ def test_latents_file_reproduces_runtime(tiny, runtime, tmp_path):
     out = tmp_path / "x.flac"
     result = generate(tiny.artifacts, out, "--latents", tmp_path / "lat.npy")
     assert result.exit_code == 0, result.output
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask  # the mode any new file gets, not mkstemp's 0600
     audio, rate = sf.read(out, dtype="float32")
     expected = runtime(prompt="piano", audio_duration=0.5, latents=lat).audios[0].T
     assert rate == 48000 and audio.shape == expected.shape
