@@ -290,6 +290,7 @@ class AceStepRuntime:
                         cfg_interval_start, cfg_interval_end, timesteps)
         frames = self.config.latent_length(audio_duration)
         noise, seeds = self._initial_latents(latents, seed, batch, frames)  # refuse bad latents before any work
+        self._check_engine_limits(batch, frames, guidance_scale > 1.0 and not self.config.is_turbo)
         if instruction is None:
             instruction = TEXT2MUSIC_INSTRUCTION
         timings: dict[str, float] = {}
@@ -335,6 +336,30 @@ class AceStepRuntime:
         audio = normalize_peak(self.decode(x))
         timings["decode"] = time.perf_counter() - started
         return AceStepOutput(audio, self.sample_rate, seeds, timings)
+
+    def _check_engine_limits(self, batch: int, frames: int, guided: bool) -> None:
+        """Refuse a batch or duration outside fixed-shape engines (TensorRT profiles) before any work."""
+        for name, runner in self.runners.items():
+            check = getattr(runner, "check_dims", None)
+            if check is None:
+                continue
+            dims = {"batch": batch * (2 if guided and name == DIT_STEP else 1)}
+            if name == DIT_STEP:
+                dims["latent_len"] = frames
+            check(dims)
+
+    def close(self) -> None:
+        """Release the runners' resources now (TensorRT device memory); ONNX Runtime sessions need nothing."""
+        for runner in self.runners.values():
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "AceStepRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _initial_latents(self, latents, seed, batch: int, frames: int):
         """Caller latents [B, T, 64] (checked) or seeded Gaussian noise; returns (latents, seeds)."""

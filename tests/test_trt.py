@@ -335,9 +335,12 @@ def test_windowed_vae_decode_on_trt_matches_ort(built, fakes):
 
 
 def test_duration_or_batch_outside_profile_is_a_clear_error(built, fakes):
+    trt, _ = fakes
     rt = _load(built)
+    runs_before = len([c for c in trt.calls if c[0] == "execute_async_v3"])
     with pytest.raises(InputError) as err:
         rt(prompt="rock", audio_duration=6.0, num_inference_steps=2, seed=0)
+    assert len([c for c in trt.calls if c[0] == "execute_async_v3"]) == runs_before  # refused before any work
     msg = str(err.value)
     assert "latent_len = 150 (6.00 s of audio)" in msg and "13..100" in msg
     assert f"acestep-trt build {built} --min-duration 0.5 --opt-duration 1 --max-duration 6 --max-batch 1" in msg
@@ -466,3 +469,12 @@ def test_engine_validation_reports_a_differing_engine(built, fakes, monkeypatch)
                                        "--max-duration", "4", "--max-lyric-len", "512"])
     assert result.exit_code == 5, result.output
     assert "FAIL" in result.output and "differ from ONNX Runtime beyond tolerance" in result.output
+
+
+def test_close_releases_device_memory(built, fakes):
+    _, cudart = fakes
+    with _load(built) as rt:
+        rt(prompt="rock", audio_duration=1.0, num_inference_steps=2, seed=0)
+        allocated = sum(1 for c in cudart.calls if c[0] == "cudaMalloc")
+    freed = sum(1 for c in cudart.calls if c[0] == "cudaFree")
+    assert allocated > 0 and freed == allocated

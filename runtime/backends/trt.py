@@ -137,6 +137,10 @@ class TrtGraph:
         self.profile.check(bound, self._hint, self._lps)
         return bound
 
+    def check_dims(self, dims: dict[str, int]) -> None:
+        """Profile check of dims known before any work (batch, latent_len); others are skipped."""
+        self.profile.check(dims, self._hint, self._lps)
+
     def set_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Set the context's input shapes (within the profile: checked before) and read the output shapes."""
         for name in self.inputs:
