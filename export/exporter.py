@@ -9,10 +9,10 @@ so a failed export never leaves a half-written artifact directory or touches an 
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -44,6 +44,7 @@ OPSET = 20
 DIM_MAX = {"batch": 256, "text_len": 4096, "lyric_len": 8192, "timbre_len": 1 << 16, "cond_len": 1 << 14,
            "latent_len": 1 << 17}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+WORK_DIR = ".work"  # reference outputs and constants handed from the tracing child to this process
 
 
 @dataclass
@@ -229,6 +230,7 @@ def export_artifacts(
                 bar.update()
             bar.set_postfix_str("constants")
             _write_side_files(model_dir, staging, extra)
+            shutil.rmtree(staging / WORK_DIR, ignore_errors=True)
             bar.update()
         _write_manifest(model_dir, staging, cfg, specs, report, extra)
         _apply_umask(staging)
@@ -250,20 +252,59 @@ def _apply_umask(root: Path) -> None:
 
 
 def _export_one(model_dir, staging, name, recipe, spec, cfg, validate, report, extra) -> None:
-    module = load_component(model_dir, recipe.component)
-    path = staging / f"{name}.onnx"
+    """Trace in a child process, then validate here once the child (and the PyTorch weights) are gone.
+
+    torch's ONNX exporter keeps references to the traced module's parameters after export (module-level
+    state reached through closures), so tracing in this process would keep every graph's fp32 weights
+    alive next to the validation session: 17 GiB peak for the full-size DiT, too much for an XL model
+    on a 24 GB machine. A spawned child per graph returns its memory to the system when it exits.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     log.info("exporting %s", name)
-    trace_to_onnx(recipe.adapter(module), spec, cfg, path)
-    cases = reference_outputs(module, recipe, spec, cfg) if validate else []
-    _collect_constants(name, module, cfg, extra)
-    del module
-    gc.collect()
+    (staging / WORK_DIR).mkdir(exist_ok=True)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate).result()
+    extra.update(result["scalars"])
+    extra.update({key: np.load(path) for key, path in result["arrays"].items()})
     if validate:
-        rows = validate_graph(cases, spec, path)
+        with open(result["cases"], "rb") as fh:
+            cases = pickle.load(fh)
+        rows = validate_graph(cases, spec, staging / f"{name}.onnx")
         report.comparisons.extend(rows)
         for row in rows:
             log.info("%s", row.row())
         val.raise_on_failure(rows)
+
+
+def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool) -> dict:
+    """Child process: load one component, trace it, save reference outputs and constants to files.
+
+    Returns {"cases": pickle path or None, "arrays": {constant: .npy path}, "scalars": {name: value}}.
+    """
+    import warnings
+
+    warnings.simplefilter("ignore")
+    staging_path, work = Path(staging), Path(staging) / WORK_DIR
+    cfg = inspect_checkpoint(model_dir)
+    recipe, spec = _recipes()[name], all_specs(cfg)[name]
+    module = load_component(model_dir, recipe.component)
+    trace_to_onnx(recipe.adapter(module), spec, cfg, staging_path / f"{name}.onnx")
+    result: dict = {"cases": None, "arrays": {}, "scalars": {}}
+    if validate:
+        result["cases"] = str(work / f"{name}.cases.pkl")
+        with open(result["cases"], "wb") as fh:
+            pickle.dump(reference_outputs(module, recipe, spec, cfg), fh, protocol=pickle.HIGHEST_PROTOCOL)
+    extra: dict = {}
+    _collect_constants(name, module, cfg, extra)
+    for key, value in extra.items():
+        if isinstance(value, np.ndarray):
+            result["arrays"][key] = str(work / f"{key}.npy")
+            np.save(result["arrays"][key], value)
+        else:
+            result["scalars"][key] = value
+    return result
 
 
 def _collect_constants(name: str, module, cfg: ModelConfig, extra: dict) -> None:
