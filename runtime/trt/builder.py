@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..artifacts import Artifacts, load_artifacts, read_manifest, sha256_file
 from ..errors import ArtifactError, BackendError, InputError
-from ..specs import GRAPH_NAMES, GraphSpec, ModelConfig
+from ..specs import GRAPH_NAMES, GraphSpec
 from .libs import GpuInfo, gpu_info, import_tensorrt
 from .manifest import (ENGINE_FORMAT_VERSION, ENGINE_MANIFEST, TIMING_CACHE, EngineManifest, default_engine_dir,
                        onnx_records, read_engine_manifest)
