@@ -281,7 +281,8 @@ def demo_cmd(out_dir: Path, duration: float, overwrite: bool) -> None:
     started = time.perf_counter()
     rt = AceStepRuntime.load(out_dir / "artifacts", backend="ort", device="cpu")
     out = rt(prompt="upbeat electronic dance track with piano", lyrics="[verse]\nSoft notes in the morning light",
-             audio_duration=duration, guidance_scale=1.0, seed=42, bpm=120, keyscale="C major", timesignature="4", show_progress=None)
+             audio_duration=duration, guidance_scale=1.0, seed=42, bpm=120, keyscale="C major", timesignature="4",
+             show_progress=None)
     stages["generate (load + run)"] = time.perf_counter() - started
     wav = write_audio(out_dir / "demo.wav", out.audios[0], out.sample_rate, overwrite=True)
     click.echo(f"checkpoint: {checkpoint}")

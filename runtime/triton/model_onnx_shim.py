@@ -33,7 +33,8 @@ class TritonPythonModel:
         # Triton has already applied the config's `reshape` (timestep arrives as [B], not [B, 1]).
         feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
         values = self.session.run(self.outputs, feeds)
-        return pb_utils.InferenceResponse([pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in zip(self.outputs, values)])
+        tensors = [pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in zip(self.outputs, values)]
+        return pb_utils.InferenceResponse(tensors)
 
     def execute(self, requests):
         responses = []
