@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import shutil
 import tempfile
@@ -245,10 +244,8 @@ def export_artifacts(
 
 def _apply_umask(root: Path) -> None:
     """mkdtemp and safetensors create private (0700/0600) paths; give the result the user's usual modes."""
-    mask = os.umask(0)
-    os.umask(mask)
     for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        path.chmod(art.default_mode(path.is_dir()))
 
 
 def _export_one(model_dir, staging, name, recipe, spec, cfg, validate, report, extra) -> None:
@@ -358,3 +355,4 @@ def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
         "files": [art.file_record(staging, p) for p in files],
     }
     (staging / art.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    art.remember_verified(staging, manifest["files"])  # renaming keeps mtimes: the first load skips hashing

@@ -39,6 +39,16 @@ CONSTANT_NAMES = ("silence_latent", "null_condition_emb", "lyric_embedding")
 _REEXPORT = "re-run `acestep-trt export MODEL_DIR ARTIFACTS_DIR --overwrite` to rebuild the artifacts."
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode a new file (0o666) or directory (0o777) gets under the current umask.
+
+    Temporary files and directories (mkstemp, mkdtemp) are private; results renamed into place get this.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -127,6 +137,15 @@ def _save_cache(root: Path, cache: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _stamp(stat: os.stat_result, sha256: str) -> str:
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{sha256}"
+
+
+def remember_verified(root: Path, records: list[dict]) -> None:
+    """Record ``records`` (just hashed by the writer) as verified, so the first load need not hash again."""
+    _save_cache(root, {rec["path"]: _stamp((root / rec["path"]).stat(), rec["sha256"]) for rec in records})
+
+
 def verify_files(root: Path, records: list[dict], full_hash: bool = True) -> None:
     """Check that every recorded file exists with its size (and SHA-256 when ``full_hash``)."""
     cache = _load_cache(root) if full_hash else {}
@@ -144,7 +163,7 @@ def verify_files(root: Path, records: list[dict], full_hash: bool = True) -> Non
             )
         if not full_hash:
             continue
-        stamp = f"{stat.st_size}:{stat.st_mtime_ns}:{rec['sha256']}"
+        stamp = _stamp(stat, rec["sha256"])
         if cache.get(rec["path"]) == stamp:
             continue
         if sha256_file(path) != rec["sha256"]:
@@ -155,14 +174,24 @@ def verify_files(root: Path, records: list[dict], full_hash: bool = True) -> Non
         _save_cache(root, cache)
 
 
-def load_artifacts(root: str | Path, verify: bool = True) -> Artifacts:
-    """Read and verify an artifact directory. Raises :class:`ArtifactError` with the remedy."""
+def _is_graph_file(path: str, onnx_names: list[str]) -> bool:
+    """``<graph>.onnx`` or one of its external data files (``<graph>.onnx.data``)."""
+    return any(path == name or path.startswith(name + ".") for name in onnx_names)
+
+
+def load_artifacts(root: str | Path, verify: bool = True, graphs: bool = True) -> Artifacts:
+    """Read and verify an artifact directory. Raises :class:`ArtifactError` with the remedy.
+
+    ``graphs=False`` verifies everything but the ONNX files (for a copy that serves its graphs elsewhere,
+    such as the Triton orchestrator's); the manifest still describes them.
+    """
     root = Path(root)
     manifest = read_manifest(root)
     try:
         config = ModelConfig.from_dict(manifest["model"])
         specs = {name: GraphSpec.from_dict(manifest["graphs"][name]["spec"]) for name in GRAPH_NAMES}
-        records = list(manifest["files"])
+        onnx_names = [manifest["graphs"][name]["onnx"] for name in GRAPH_NAMES]
+        records = [r for r in manifest["files"] if graphs or not _is_graph_file(r["path"], onnx_names)]
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root / MANIFEST} is incomplete (missing {exc}).", _REEXPORT) from None
     verify_files(root, records, full_hash=verify)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifacts import default_mode
 from .errors import InputError
 
 FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16")}
@@ -36,9 +37,7 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, overwrite
     os.close(fd)
     try:
         sf.write(tmp, np.clip(audio.T, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp files are private; give the output the user's usual mode
+        os.chmod(tmp, default_mode())  # mkstemp files are private; give the output the user's usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -19,16 +19,15 @@ import numpy as np
 
 from . import scheduler as sched
 from .artifacts import Artifacts, load_artifacts
-from .backends import resolve_backend
+from .backends import GraphRunner, resolve_backend
 from .errors import InputError
 from .prompt import TEXT2MUSIC_INSTRUCTION, format_prompt
 from .specs import CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, TEXT_ENCODER, VAE_DECODER
 from .tokenizer import TextTokenizer
-from .vae import DEFAULT_VAE_WINDOW, decode_windowed, normalize_peak
+from .vae import DEFAULT_VAE_WINDOW, decode_windowed, normalize_peak, window_overlap
 
 log = logging.getLogger(__name__)
 
-TIMBRE_SECONDS = 30  # the pipeline feeds silence_latent[:, :ceil(30 * 25)] to the timbre encoder
 
 
 @dataclass
@@ -94,8 +93,8 @@ def check_arguments(duration, steps=8, shift=3.0, guidance=1.0, task_type="text2
 class AceStepRuntime:
     """Loaded graphs + constants + tokenizer of one artifact directory. Use :meth:`load`."""
 
-    def __init__(self, artifacts: Artifacts, runners: dict, backend: str, device: str, vae_window: int,
-                 device_loop: bool | None = None):
+    def __init__(self, artifacts: Artifacts, runners: dict[str, GraphRunner], backend: str, device: str,
+                 vae_window: int, device_loop: bool | None = None):
         self.artifacts = artifacts
         self.device_loop = device == "cuda" if device_loop is None else bool(device_loop)
         self.config = artifacts.config
@@ -175,7 +174,7 @@ class AceStepRuntime:
     def encode_condition(self, text_hidden, text_mask, lyric_hidden, lyric_mask) -> np.ndarray:
         """Condition encoder with the silence latent as timbre reference. -> [B, C, cond_hidden]."""
         batch = text_hidden.shape[0]
-        timbre = self.silence_latents(math.ceil(TIMBRE_SECONDS * self.config.latents_per_second), batch)
+        timbre = self.silence_latents(self.config.timbre_frames, batch)
         out = self.runners[CONDITION_ENCODER].run({
             "text_hidden_states": text_hidden.astype(np.float32),
             "text_attention_mask": text_mask,
@@ -238,13 +237,12 @@ class AceStepRuntime:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents [B, T, 64] -> audio [B, 2, T * hop], decoded in overlapping windows."""
         runner = self.runners[VAE_DECODER]
-        overlap = self.artifacts.vae_receptive_field + 2
         return decode_windowed(
             lambda z: runner.run({"latents": z})["audio"],
             np.ascontiguousarray(latents.transpose(0, 2, 1)),
             self.config.hop_length,
             self.vae_window,
-            overlap,
+            window_overlap(self.artifacts.vae_receptive_field),
         )
 
     # ------------------------------------------------------------------ call

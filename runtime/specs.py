@@ -9,7 +9,7 @@ same source. Symbolic dims are strings (``"batch"``, ``"latent_len"``...), fixed
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -47,6 +47,12 @@ class ModelConfig:
     @property
     def latents_per_second(self) -> float:
         return self.sample_rate / self.hop_length
+
+    @property
+    def timbre_frames(self) -> int:
+        """Silence-latent frames fed to the timbre encoder: ``ceil(30 * latents_per_second)`` (the pipeline's
+        ``timbre_fix_frame``, 750 at 25 frames per second)."""
+        return math.ceil(30 * self.latents_per_second)
 
     def latent_length(self, seconds: float) -> int:
         """Latent frames for a duration, as diffusers: ``ceil(seconds * latents_per_second)``."""
@@ -94,19 +100,6 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     tolerance: Tolerance
     doc: str = ""
-    symbolic: dict[str, str] = field(default_factory=dict)  # dim name -> meaning
-
-    def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
-
-    @property
-    def dim_names(self) -> list[str]:
-        seen: list[str] = []
-        for t in self.inputs + self.outputs:
-            for d in t.dims:
-                if isinstance(d, str) and d not in seen:
-                    seen.append(d)
-        return seen
 
     def to_dict(self) -> dict:
         return {

@@ -14,6 +14,11 @@ import numpy as np
 DEFAULT_VAE_WINDOW = 256  # latent frames per decoded window core (~10 s); TensorRT VAE profiles follow it
 
 
+def window_overlap(receptive_field: int) -> int:
+    """Latent frames decoded on each side of a window's core: the receptive field plus a margin of 2."""
+    return receptive_field + 2
+
+
 def decode_windowed(
     decode: Callable[[np.ndarray], np.ndarray],
     latents: np.ndarray,

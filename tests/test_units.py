@@ -10,7 +10,7 @@ from acestep_trt.runtime import scheduler as sched
 from acestep_trt.runtime.prompt import format_prompt
 from acestep_trt.runtime.specs import GRAPH_NAMES
 from acestep_trt.runtime.tokenizer import TextTokenizer
-from acestep_trt.runtime.vae import decode_windowed, normalize_peak
+from acestep_trt.runtime.vae import decode_windowed, normalize_peak, window_overlap
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 8, 9, 50])
@@ -109,7 +109,7 @@ def test_prompt_format_matches_pipeline(tiny):
 def test_windowed_decode_equals_whole_decode_for_every_split(runtime):
     runner = runtime.runners["vae_decoder"]
     decode = lambda z: runner.run({"latents": z})["audio"]  # noqa: E731
-    overlap = runtime.artifacts.vae_receptive_field + 2
+    overlap = window_overlap(runtime.artifacts.vae_receptive_field)
     for frames in (1, 17, 40, 63):
         latents = np.random.default_rng(frames).standard_normal((2, 64, frames)).astype(np.float32)
         whole = decode(latents)
@@ -193,3 +193,25 @@ def test_cuda_without_gpu_is_a_clear_error(tiny):
         pytest.skip("CUDA provider present")
     with pytest.raises(BackendError, match="--device cpu"):
         AceStepRuntime.load(tiny.artifacts, device="cuda")
+
+
+def test_export_seeds_the_verification_cache(tiny, tmp_path):
+    """Export records what it hashed, so the first load does not hash again; a changed file is still caught."""
+    import json
+    import shutil
+
+    from acestep_trt.runtime.artifacts import load_artifacts
+    from acestep_trt.runtime.errors import ArtifactError
+
+    manifest = json.loads((tiny.artifacts / "manifest.json").read_text())
+    cache = json.loads((tiny.artifacts / ".verified.json").read_text())
+    assert set(cache) >= {rec["path"] for rec in manifest["files"]}
+    copy = tmp_path / "art"
+    shutil.copytree(tiny.artifacts, copy)  # copy2 keeps mtimes: the seeded cache still applies
+    load_artifacts(copy)
+    path = copy / "dit_step.onnx"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size, new mtime: hashed again, refused
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        load_artifacts(copy)

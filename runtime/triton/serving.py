@@ -17,10 +17,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..artifacts import Artifacts, read_manifest, verify_files
+from ..artifacts import Artifacts, load_artifacts
 from ..errors import ArtifactError, BackendError, InputError
 from ..pipeline import AceStepRuntime
-from ..specs import GRAPH_NAMES, GraphSpec, ModelConfig
+from ..specs import GRAPH_NAMES, GraphSpec
 from .config import wire_shape
 
 log = logging.getLogger(__name__)
@@ -68,26 +68,13 @@ class BlsGraph:
         return out
 
 
-def _is_graph_file(path: str, onnx_names: list[str]) -> bool:
-    return any(path == name or path.startswith(name + ".") for name in onnx_names)
-
-
 def load_orchestrator_artifacts(root: Path) -> Artifacts:
     """The artifact files the orchestrator needs (manifest, constants, tokenizer) without the graphs.
 
     The manifest is the export's own (provenance); the graph files it lists live in the graph models,
     so only the other files are verified (sizes and SHA-256).
     """
-    manifest = read_manifest(root)
-    try:
-        config = ModelConfig.from_dict(manifest["model"])
-        specs = {name: GraphSpec.from_dict(manifest["graphs"][name]["spec"]) for name in GRAPH_NAMES}
-        onnx_names = [manifest["graphs"][name]["onnx"] for name in GRAPH_NAMES]
-        records = [r for r in manifest["files"] if not _is_graph_file(r["path"], onnx_names)]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{root} has an incomplete manifest (missing {exc}).", _REGENERATE) from None
-    verify_files(root, records, full_hash=True)
-    return Artifacts(root=root, manifest=manifest, config=config, specs=specs)
+    return load_artifacts(root, verify=True, graphs=False)
 
 
 def load_orchestrator(version_dir: Path, pb_utils) -> AceStepRuntime:

@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass
 
 from ..errors import InputError
 from ..specs import CONDITION_ENCODER, DIT_STEP, TEXT_ENCODER, VAE_DECODER, GraphSpec, ModelConfig
-from ..vae import DEFAULT_VAE_WINDOW
+from ..vae import DEFAULT_VAE_WINDOW, window_overlap
 
-TIMBRE_SECONDS = 30  # the runtime feeds silence_latent[:, :ceil(30 * 25)] to the timbre encoder (pipeline.py)
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,7 @@ def dim_ranges(cfg: ModelConfig, req: ProfileRequest, receptive_field: int) -> d
     """
     frames = ShapeRange(cfg.latent_length(req.min_duration), cfg.latent_length(req.opt_duration),
                         cfg.latent_length(req.max_duration))
-    overlap = receptive_field + 2
+    overlap = window_overlap(receptive_field)
     window = req.vae_window + 2 * overlap
     vae_frames = _range(min(overlap + 1, frames.min), frames.opt, min(window, frames.max))
     batch = ShapeRange(1, req.opt_batch, req.max_batch)
@@ -177,7 +176,7 @@ def dim_ranges(cfg: ModelConfig, req: ProfileRequest, receptive_field: int) -> d
     text = _range(1, req.opt_text_len, req.max_text_len)
     lyric = _range(1, req.opt_lyric_len, req.max_lyric_len)
     cond = ShapeRange(lyric.min + 1 + text.min, lyric.opt + 1 + text.opt, lyric.max + 1 + text.max)
-    timbre = ShapeRange.fixed(math.ceil(TIMBRE_SECONDS * cfg.latents_per_second))
+    timbre = ShapeRange.fixed(cfg.timbre_frames)
     return {
         TEXT_ENCODER: {"batch": batch, "text_len": text},
         CONDITION_ENCODER: {"batch": batch, "text_len": text, "lyric_len": lyric, "timbre_len": timbre},
