@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError
-from .specs import GRAPH_NAMES, GraphSpec, ModelConfig
+from .specs import GRAPH_NAMES, GraphSpec, ModelConfig, all_specs
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,10 @@ class Artifacts:
 
     def graph_path(self, name: str) -> Path:
         return self.root / self.manifest["graphs"][name]["onnx"]
+
+    def precision(self, name: str) -> str:
+        """The dtype ``name`` was exported in (``fp32``, ``bf16`` or ``fp16``; see ``export --precision``)."""
+        return self.manifest["graphs"][name].get("precision", "fp32")
 
     @property
     def scheduler(self) -> dict:
@@ -179,6 +183,22 @@ def _is_graph_file(path: str, onnx_names: list[str]) -> bool:
     return any(path == name or path.startswith(name + ".") for name in onnx_names)
 
 
+def _check_interfaces(root: Path, config: ModelConfig, specs: dict[str, GraphSpec]) -> None:
+    """The graphs must have the inputs and outputs this runtime drives (an older export may not)."""
+    expected = all_specs(config)
+    for name in GRAPH_NAMES:
+        have, want = specs[name], expected[name]
+        if (have.inputs, have.outputs) != (want.inputs, want.outputs):
+            missing = sorted({t.name for t in (*want.inputs, *want.outputs)}
+                             - {t.name for t in (*have.inputs, *have.outputs)})
+            detail = f" (missing {', '.join(missing)})" if missing else ""
+            raise ArtifactError(
+                f"{root}: graph {name} does not have the interface this toolkit drives{detail}; the directory was "
+                "written by another acestep-trt version.",
+                _REEXPORT,
+            )
+
+
 def load_artifacts(root: str | Path, verify: bool = True, graphs: bool = True) -> Artifacts:
     """Read and verify an artifact directory. Raises :class:`ArtifactError` with the remedy.
 
@@ -194,5 +214,6 @@ def load_artifacts(root: str | Path, verify: bool = True, graphs: bool = True) -
         records = [r for r in manifest["files"] if graphs or not _is_graph_file(r["path"], onnx_names)]
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root / MANIFEST} is incomplete (missing {exc}).", _REEXPORT) from None
+    _check_interfaces(root, config, specs)
     verify_files(root, records, full_hash=verify)
     return Artifacts(root=root, manifest=manifest, config=config, specs=specs)
