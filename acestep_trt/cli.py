@@ -52,12 +52,20 @@ def main(verbose: bool) -> None:
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare every graph with PyTorch in ONNX Runtime at off-trace shapes.")
 @click.option("--overwrite", is_flag=True, help="Replace ARTIFACTS_DIR if it exists.")
-def export_cmd(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: bool) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Recipe: fp32 everywhere, or bf16 encoders and DiT (fp32 islands) with an fp32 VAE.")
+@click.option("--graph-precision", "graph_precision", multiple=True, metavar="GRAPH=DTYPE",
+              help="Override one graph's dtype (fp32, bf16, fp16), e.g. text_encoder=fp16. Repeatable.")
+def export_cmd(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: bool, precision: str,
+               graph_precision: tuple[str, ...]) -> None:
     """Export MODEL_DIR (a diffusers AceStepPipeline checkpoint) to ARTIFACTS_DIR."""
     from acestep_trt.export.checkpoint import inspect_checkpoint
+    from acestep_trt.export.precision import parse_overrides, plan
 
+    overrides = parse_overrides(graph_precision)
+    plan(precision, overrides)  # refuse a bad recipe before importing torch
     inspect_checkpoint(model_dir)  # refuse a wrong directory before importing torch
-    report = _export(model_dir, artifacts_dir, validate, overwrite)
+    report = _export(model_dir, artifacts_dir, validate, overwrite, precision, overrides)
     if report.comparisons:
         from acestep_trt.export.validate import TABLE_HEADER
 
@@ -68,14 +76,16 @@ def export_cmd(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: 
     click.echo(f"artifacts written to {artifacts_dir} ({stages})")
 
 
-def _export(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: bool):
+def _export(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: bool, precision: str = "fp32",
+            overrides: dict[str, str] | None = None):
     import warnings
 
     from acestep_trt.export.exporter import export_artifacts
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return export_artifacts(model_dir, artifacts_dir, validate=validate, overwrite=overwrite)
+        return export_artifacts(model_dir, artifacts_dir, validate=validate, overwrite=overwrite,
+                                precision=precision, graph_precision=overrides)
 
 
 def _read_lyrics(lyrics: str | None, lyrics_file: Path | None) -> str:
@@ -128,9 +138,11 @@ def _read_latents(path: Path | None):
               help="TensorRT engine directory (default ARTIFACTS_DIR/engines).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Output .wav or .flac.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--emulate-precision", is_flag=True,
+              help="Run bf16/fp16 graphs on the CPU as fp32 arithmetic rounded to their dtype (slow; for checks).")
 def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
                  latents_file, language, bpm, keyscale, timesignature, backend, device, engine_dir, out_path,
-                 overwrite):
+                 overwrite, emulate_precision):
     """Generate music from ARTIFACTS_DIR and write it to --out."""
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.audio import check_output_path, write_audio
@@ -142,7 +154,8 @@ def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, sh
     check_prompts(prompt)
     check_arguments(duration, steps, shift, guidance_scale)
     started = time.perf_counter()
-    rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device, engine_dir=engine_dir)
+    rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device, engine_dir=engine_dir,
+                             emulate_precision=emulate_precision)
     load_s = time.perf_counter() - started
     out = rt(prompt=prompt, lyrics=lyrics_text, audio_duration=duration, vocal_language=language,
              num_inference_steps=steps, guidance_scale=guidance_scale, shift=shift, seed=seed, latents=latents,
@@ -193,6 +206,41 @@ def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, de
         json_out.write_text(json.dumps(report, indent=2))
 
 
+@main.command("compare")
+@click.argument("reference_dir", type=click.Path(path_type=Path))
+@click.argument("candidate_dir", type=click.Path(path_type=Path))
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds of audio per case.")
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--seeds", type=int, default=1, show_default=True, help="Noise seeds per prompt (3 prompts).")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cpu emulates bf16/fp16 graphs in fp32 arithmetic; cuda runs them natively.")
+@click.option("--min-audio-snr-db", type=float, default=None,
+              help="Exit with code 5 if any case's audio SNR is below this (for CI).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+def compare_cmd(reference_dir, candidate_dir, duration, steps, seeds, backend, device, min_audio_snr_db, json_out):
+    """Audio and latent SNR of CANDIDATE_DIR against REFERENCE_DIR (e.g. a bf16 export against fp32)."""
+    import json
+
+    from acestep_trt.runtime.compare import compare_artifacts, format_report
+    from acestep_trt.runtime.errors import ExportValidationError
+    from acestep_trt.runtime.pipeline import check_arguments
+
+    check_arguments(duration, steps)
+    if seeds < 1:
+        raise InputError(f"--seeds must be >= 1, got {seeds}.", "pass --seeds 1 or more.")
+    report = compare_artifacts(reference_dir, candidate_dir, duration, steps, seeds, backend, device)
+    click.echo(format_report(report))
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2))
+    if not report.all_finite:
+        raise ExportValidationError(f"{candidate_dir} produced NaN or Inf.", "export it with --precision fp32.")
+    if min_audio_snr_db is not None and report.min_audio_snr_db < min_audio_snr_db:
+        raise ExportValidationError(
+            f"audio SNR {report.min_audio_snr_db:.1f} dB is below --min-audio-snr-db {min_audio_snr_db:g}.",
+            "use a higher-precision export (--precision fp32, or fp32 overrides for the weakest graph).")
+
+
 @main.command("build")
 @click.argument("artifacts_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
@@ -239,15 +287,23 @@ def build_cmd(artifacts_dir, out_dir, min_duration, opt_duration, max_duration, 
 
 
 def _validate_engines(artifacts_dir: Path, manifest) -> None:
-    """Engine vs ONNX Runtime on CPU, per graph; raises ExportValidationError (exit 5) beyond tolerance."""
+    """Engine vs ONNX Runtime per graph; raises ExportValidationError (exit 5) beyond tolerance.
+
+    fp32 graphs run on ONNX Runtime's CPU provider; reduced-precision graphs natively on CUDA when
+    onnxruntime-gpu is present, else emulated on the CPU.
+    """
     from acestep_trt.runtime.artifacts import load_artifacts
-    from acestep_trt.runtime.backends.ort import OrtGraph
+    from acestep_trt.runtime.backends.ort import OrtGraph, cuda_available
     from acestep_trt.runtime.backends.trt import load_engines
     from acestep_trt.runtime.trt import validate as tv
 
     artifacts = load_artifacts(artifacts_dir)
     trt_runners = load_engines(artifacts, manifest.root, manifest.request.vae_window)
-    ort_runners = {n: OrtGraph(artifacts.graph_path(n), s, "cpu") for n, s in artifacts.specs.items()}
+    ort_runners = {}
+    for name, spec in artifacts.specs.items():
+        dtype = artifacts.precision(name)
+        device = "cuda" if dtype != "fp32" and cuda_available() else "cpu"
+        ort_runners[name] = OrtGraph(artifacts.graph_path(name), spec, device, precision=dtype, emulate=True)
     profiles = {n: manifest.profile(n) for n in artifacts.specs}
     rows = tv.compare_engines(artifacts, trt_runners, ort_runners, profiles, manifest.data["precision"])
     click.echo(tv.TABLE_HEADER)

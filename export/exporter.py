@@ -34,6 +34,7 @@ from acestep_trt.runtime.specs import (
     all_specs,
 )
 
+from . import precision as prec
 from . import validate as val
 from .checkpoint import inspect_checkpoint, load_component, scheduler_config
 
@@ -107,6 +108,7 @@ def _recipes() -> dict[str, GraphRecipe]:
 @dataclass
 class ExportReport:
     out_dir: Path
+    precision: prec.PrecisionPlan
     seconds: dict[str, float] = field(default_factory=dict)
     comparisons: list = field(default_factory=list)
 
@@ -175,19 +177,23 @@ def reference_outputs(module, recipe: GraphRecipe, spec: GraphSpec, cfg: ModelCo
     return cases
 
 
-def validate_graph(cases: list[tuple], spec: GraphSpec, path: Path):
-    """Run the ONNX graph on each case's feeds and compare with the reference; return comparisons.
+def validate_graph(cases: list[tuple], spec: GraphSpec, path: Path, dtype: str = "fp32",
+                   min_snr_db: float | None = None):
+    """Run the ONNX graph on each case's feeds and compare with the fp32 reference; return comparisons.
 
-    Called after the PyTorch module is freed, so a full-size graph never sits in memory twice.
+    fp32 graphs run on ONNX Runtime's CPU provider (max-abs bound). Reduced-precision graphs run natively
+    on CUDA when onnxruntime-gpu sees a GPU, else emulated on the CPU, and must keep ``min_snr_db``
+    against fp32. Called after the PyTorch module is freed, so a full-size graph never sits in memory twice.
     """
-    import onnxruntime as ort
+    from acestep_trt.runtime.backends.ort import OrtGraph, cuda_available
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    device = "cuda" if dtype != "fp32" and cuda_available() else "cpu"
+    graph = OrtGraph(path, spec, device, precision=dtype, emulate=True)
     rows = []
     for dims, feeds, ref in cases:
-        got = dict(zip([o.name for o in spec.outputs], session.run(None, feeds)))
-        rows.extend(val.compare(spec, dims, got, ref))
-    del session
+        got = graph.run(feeds)
+        rows.extend(val.compare(spec, dims, got, ref, min_snr_db))
+    del graph
     return rows
 
 
@@ -206,16 +212,23 @@ def export_artifacts(
     validate: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    precision: str = "fp32",
+    graph_precision: dict[str, str] | None = None,
 ) -> ExportReport:
-    """Export every graph of ``model_dir`` into ``out_dir``; see the module docstring."""
+    """Export every graph of ``model_dir`` into ``out_dir``; see the module docstring.
+
+    ``precision`` names a recipe of :mod:`acestep_trt.export.precision` (``fp32``, ``bf16``);
+    ``graph_precision`` overrides single graphs, e.g. ``{"text_encoder": "fp16"}``.
+    """
     from tqdm.auto import tqdm
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    plan = prec.plan(precision, graph_precision)
     cfg = inspect_checkpoint(model_dir)
     _prepare_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    report = ExportReport(out_dir=out_dir)
+    report = ExportReport(out_dir=out_dir, precision=plan)
     try:
         specs = all_specs(cfg)
         recipes = _recipes()
@@ -224,7 +237,7 @@ def export_artifacts(
             for name in GRAPH_NAMES:
                 bar.set_postfix_str(name)
                 started = time.perf_counter()
-                _export_one(model_dir, staging, name, recipes[name], specs[name], cfg, validate, report, extra)
+                _export_one(model_dir, staging, name, specs[name], plan, validate, report, extra)
                 report.seconds[name] = time.perf_counter() - started
                 bar.update()
             bar.set_postfix_str("constants")
@@ -248,7 +261,7 @@ def _apply_umask(root: Path) -> None:
         path.chmod(art.default_mode(path.is_dir()))
 
 
-def _export_one(model_dir, staging, name, recipe, spec, cfg, validate, report, extra) -> None:
+def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -> None:
     """Trace in a child process, then validate here once the child (and the PyTorch weights) are gone.
 
     torch's ONNX exporter keeps references to the traced module's parameters after export (module-level
@@ -262,21 +275,24 @@ def _export_one(model_dir, staging, name, recipe, spec, cfg, validate, report, e
     log.info("exporting %s", name)
     (staging / WORK_DIR).mkdir(exist_ok=True)
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
-        result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate).result()
+        dtype = plan.graphs[name]
+        result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate, dtype).result()
     extra.update(result["scalars"])
     extra.update({key: np.load(path) for key, path in result["arrays"].items()})
     if validate:
         with open(result["cases"], "rb") as fh:
             cases = pickle.load(fh)
-        rows = validate_graph(cases, spec, staging / f"{name}.onnx")
+        rows = validate_graph(cases, spec, staging / f"{name}.onnx", dtype, plan.min_snr_db(name))
         report.comparisons.extend(rows)
         for row in rows:
             log.info("%s", row.row())
         val.raise_on_failure(rows)
 
 
-def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool) -> dict:
-    """Child process: load one component, trace it, save reference outputs and constants to files.
+def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dtype: str = "fp32") -> dict:
+    """Child process: load one component, trace it in ``dtype``, save fp32 reference outputs and constants.
+
+    References and constants come from the fp32 module, before it is cast for a reduced-precision trace.
 
     Returns {"cases": pickle path or None, "arrays": {constant: .npy path}, "scalars": {name: value}}.
     """
@@ -287,7 +303,6 @@ def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool) -> 
     cfg = inspect_checkpoint(model_dir)
     recipe, spec = _recipes()[name], all_specs(cfg)[name]
     module = load_component(model_dir, recipe.component)
-    trace_to_onnx(recipe.adapter(module), spec, cfg, staging_path / f"{name}.onnx")
     result: dict = {"cases": None, "arrays": {}, "scalars": {}}
     if validate:
         result["cases"] = str(work / f"{name}.cases.pkl")
@@ -295,6 +310,7 @@ def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool) -> 
             pickle.dump(reference_outputs(module, recipe, spec, cfg), fh, protocol=pickle.HIGHEST_PROTOCOL)
     extra: dict = {}
     _collect_constants(name, module, cfg, extra)
+    trace_to_onnx(prec.prepare(name, recipe.adapter(module), dtype), spec, cfg, staging_path / f"{name}.onnx")
     for key, value in extra.items():
         if isinstance(value, np.ndarray):
             result["arrays"][key] = str(work / f"{key}.npy")
@@ -338,7 +354,8 @@ def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     graphs = {}
     for name, spec in specs.items():
-        graphs[name] = {"onnx": f"{name}.onnx", "opset": OPSET, "precision": "fp32", "spec": spec.to_dict()}
+        graphs[name] = {"onnx": f"{name}.onnx", "opset": OPSET, "precision": report.precision.graphs[name],
+                        "spec": spec.to_dict()}
     manifest = {
         "format_version": art.FORMAT_VERSION,
         "toolkit_version": acestep_trt.__version__,
@@ -347,11 +364,9 @@ def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
         "model": cfg.to_dict(),
         "scheduler": scheduler_config(model_dir),
         "vae": {"receptive_field_frames": int(extra["vae_receptive_field"])},
+        "precision": report.precision.to_dict(),
         "graphs": graphs,
-        "validation": [
-            {"graph": r.graph, "output": r.output, "dims": r.dims, "max_abs": r.max_abs, "limit": r.bound, "ok": r.ok}
-            for r in report.comparisons
-        ],
+        "validation": [r.to_dict() for r in report.comparisons],
         "files": [art.file_record(staging, p) for p in files],
     }
     (staging / art.MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from acestep_trt.runtime.errors import ExportValidationError
+from acestep_trt.runtime.precision import snr_db
 from acestep_trt.runtime.specs import GraphSpec, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,13 @@ def _padding_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarra
 
 @dataclass
 class Comparison:
+    """One output at one dim binding against the fp32 PyTorch reference.
+
+    fp32 graphs must stay within ``bound`` (max abs). Reduced-precision graphs (``min_snr_db`` set) must
+    keep a signal-to-error ratio ``10 log10(sum ref^2 / sum (got - ref)^2)`` of at least ``min_snr_db``;
+    any NaN or Inf fails either way.
+    """
+
     graph: str
     output: str
     dims: str
@@ -74,21 +82,43 @@ class Comparison:
     max_abs: float
     ref_scale: float
     bound: float
+    snr_db: float = float("inf")
+    min_snr_db: float | None = None
 
     @property
     def ok(self) -> bool:
-        return bool(np.isfinite(self.max_abs)) and self.max_abs <= self.bound
+        if not np.isfinite(self.max_abs):
+            return False
+        if self.min_snr_db is not None:
+            return self.snr_db >= self.min_snr_db
+        return self.max_abs <= self.bound
+
+    @property
+    def limit(self) -> str:
+        return f">={self.min_snr_db:g} dB" if self.min_snr_db is not None else f"<={self.bound:.2e}"
 
     def row(self) -> str:
         status = "ok" if self.ok else "FAIL"
         return (f"{self.graph:<18} {self.output:<24} {str(self.shape):<18} {self.max_abs:>10.2e} "
-                f"{self.ref_scale:>9.2e} {self.bound:>9.2e}  {status}  [{self.dims}]")
+                f"{self.ref_scale:>9.2e} {self.snr_db:>7.1f} {self.limit:>10}  {status}  [{self.dims}]")
+
+    def to_dict(self) -> dict:
+        return {"graph": self.graph, "output": self.output, "dims": self.dims, "max_abs": self.max_abs,
+                "limit": self.bound, "snr_db": _json_float(self.snr_db), "min_snr_db": self.min_snr_db,
+                "ok": self.ok}
 
 
-TABLE_HEADER = f"{'graph':<18} {'output':<24} {'shape':<18} {'max|err|':>10} {'max|ref|':>9} {'limit':>9}  status"
+TABLE_HEADER = (f"{'graph':<18} {'output':<24} {'shape':<18} {'max|err|':>10} {'max|ref|':>9} {'SNR dB':>7} "
+                f"{'limit':>10}  status")
 
 
-def compare(spec: GraphSpec, dims: dict[str, int], got: dict[str, np.ndarray], ref: dict[str, np.ndarray]):
+def _json_float(value: float):
+    """JSON has no Infinity: an exact match (infinite SNR) is written as null."""
+    return float(value) if np.isfinite(value) else None
+
+
+def compare(spec: GraphSpec, dims: dict[str, int], got: dict[str, np.ndarray], ref: dict[str, np.ndarray],
+            min_snr_db: float | None = None):
     """One :class:`Comparison` per output; bool outputs must match exactly."""
     rows = []
     label = ",".join(f"{k}={v}" for k, v in dims.items() if any(k in t.dims for t in spec.inputs))
@@ -101,17 +131,34 @@ def compare(spec: GraphSpec, dims: dict[str, int], got: dict[str, np.ndarray], r
             )
         if out.dtype == "bool":
             err, scale, bound = float(np.count_nonzero(a != b)), 1.0, 0.0
-        else:
-            err = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
-            scale = float(np.max(np.abs(b))) if b.size else 0.0
-            bound = spec.tolerance.bound(scale)
-        rows.append(Comparison(spec.name, out.name, label, a.shape, err, scale, bound))
+            rows.append(Comparison(spec.name, out.name, label, a.shape, err, scale, bound))
+            continue
+        err = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+        scale = float(np.max(np.abs(b))) if b.size else 0.0
+        rows.append(Comparison(spec.name, out.name, label, a.shape, err, scale, spec.tolerance.bound(scale),
+                               snr_db(a, b) if a.size else float("inf"), min_snr_db))
     return rows
 
 
 def raise_on_failure(rows: list[Comparison]) -> None:
     bad = [r for r in rows if not r.ok]
     if bad:
+        if any(not np.isfinite(r.max_abs) for r in bad):
+            worst = next(r for r in bad if not np.isfinite(r.max_abs))
+            raise ExportValidationError(
+                f"{worst.graph}.{worst.output} produces NaN or Inf at {worst.dims}.",
+                f"export {worst.graph} in fp32 (--graph-precision {worst.graph}=fp32, or --precision fp32); "
+                "nothing was written.",
+            )
+        reduced = [r for r in bad if r.min_snr_db is not None]
+        if reduced:
+            worst = min(reduced, key=lambda r: r.snr_db)
+            raise ExportValidationError(
+                f"{worst.graph}.{worst.output} in reduced precision keeps only {worst.snr_db:.1f} dB SNR against "
+                f"fp32 (needs {worst.min_snr_db:g} dB; max |err| {worst.max_abs:.3e}) at {worst.dims}.",
+                f"export {worst.graph} in fp32 (--graph-precision {worst.graph}=fp32, or --precision fp32); "
+                "nothing was written.",
+            )
         worst = max(bad, key=lambda r: r.max_abs / max(r.bound, 1e-30))
         raise ExportValidationError(
             f"{worst.graph}.{worst.output} differs from PyTorch by {worst.max_abs:.3e} (limit {worst.bound:.3e}) "

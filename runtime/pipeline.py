@@ -117,12 +117,15 @@ class AceStepRuntime:
         threads: int | None = None,
         device_loop: bool | None = None,
         engine_dir: str | Path | None = None,
+        emulate_precision: bool = False,
     ) -> "AceStepRuntime":
         """Verify ``artifacts_dir`` and open every graph on ``backend``/``device``.
 
         ``device_loop`` keeps latents in device buffers across the denoising steps (IO binding);
         default: on for CUDA, off for CPU (where it works too, and is tested).
         ``engine_dir``: TensorRT engines (``acestep-trt build``), default ``ARTIFACTS_DIR/engines``.
+        ``emulate_precision``: run reduced-precision (bf16/fp16) graphs on the CPU as fp32 arithmetic
+        rounded to their dtype, to check their numerics without a GPU (refused otherwise; slower than fp32).
         """
         from .backends.ort import OrtGraph, check_device
 
@@ -137,7 +140,8 @@ class AceStepRuntime:
             runners = load_engines(artifacts, engine_dir, int(vae_window))
         else:
             runners = {
-                name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device, threads)
+                name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device, threads,
+                               artifacts.precision(name), emulate_precision)
                 for name in GRAPH_NAMES
             }
         return cls(artifacts, runners, kind, device, int(vae_window), device_loop)

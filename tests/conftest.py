@@ -81,6 +81,21 @@ def variant(tmp_path_factory) -> Model:
     return _build(tmp_path_factory, "variant", padding_side="right", encoder_hidden=48, is_turbo=False, seed=1)
 
 
+REDUCED_OVERRIDES = {"text_encoder": "fp16", "vae_decoder": "fp16"}
+
+
+@pytest.fixture(scope="session")
+def reduced(tiny, tmp_path_factory) -> Model:
+    """``tiny`` exported with ``--precision bf16`` and fp16 text encoder and VAE: every reduced dtype is used."""
+    from acestep_trt.export.exporter import export_artifacts
+
+    out = tmp_path_factory.mktemp("reduced") / "artifacts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_artifacts(tiny.checkpoint, out, precision="bf16", graph_precision=REDUCED_OVERRIDES, progress=False)
+    return Model(tiny.checkpoint, out)
+
+
 @pytest.fixture(scope="session")
 def runtime(tiny):
     from acestep_trt.runtime import AceStepRuntime

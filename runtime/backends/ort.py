@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,15 @@ def _import_ort():
     return ort
 
 
+def cuda_available() -> bool:
+    """ONNX Runtime here has the CUDA provider (onnxruntime-gpu); a GPU is still checked per session."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return _PROVIDER["cuda"] in ort.get_available_providers()
+
+
 def check_device(device: str) -> None:
     """Raise unless ``device`` has an ONNX Runtime provider here (no silent CPU fallback)."""
     ort = _import_ort()
@@ -35,10 +45,41 @@ def check_device(device: str) -> None:
         )
 
 
-class OrtGraph:
-    """One ONNX graph in an ``InferenceSession``; feeds are checked against the spec first."""
+def _session(path: Path, options, providers: list[str]):
+    ort = _import_ort()
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ArtifactError(
+            f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0][:300]}",
+            "re-run `acestep-trt export MODEL_DIR ARTIFACTS_DIR --overwrite`.",
+        ) from None
 
-    def __init__(self, path: Path, spec: GraphSpec, device: str = "cpu", threads: int | None = None):
+
+def _check_precision(name: str, precision: str, device: str, emulate: bool) -> bool:
+    """Whether ``name`` must run emulated (a reduced-precision graph on the CPU); refuse it unless allowed."""
+    if precision == "fp32" or device != "cpu":
+        return False
+    if not emulate:
+        raise BackendError(
+            f"{name} is a {precision} graph (exported with --precision); ONNX Runtime's CPU provider has no "
+            f"{precision} kernels.",
+            "run it on a GPU (--device cuda), export again with --precision fp32 for CPU use, or pass "
+            "--emulate-precision to check its numerics on the CPU (fp32 arithmetic rounded to the graph's "
+            "precision; slower than fp32).",
+        )
+    return True
+
+
+class OrtGraph:
+    """One ONNX graph in an ``InferenceSession``; feeds are checked against the spec first.
+
+    ``precision`` is the graph's dtype from the manifest; a reduced one on the CPU runs only when
+    ``emulate`` (see :mod:`acestep_trt.runtime.precision`).
+    """
+
+    def __init__(self, path: Path, spec: GraphSpec, device: str = "cpu", threads: int | None = None,
+                 precision: str = "fp32", emulate: bool = False):
         ort = _import_ort()
         check_device(device)
         options = ort.SessionOptions()
@@ -46,13 +87,15 @@ class OrtGraph:
         if threads:
             options.intra_op_num_threads = threads
         providers = [_PROVIDER[device]] + (["CPUExecutionProvider"] if device != "cpu" else [])
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ArtifactError(
-                f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0][:300]}",
-                "re-run `acestep-trt export MODEL_DIR ARTIFACTS_DIR --overwrite`.",
-            ) from None
+        if _check_precision(spec.name, precision, device, emulate):
+            from ..precision import emulated_copy
+
+            with tempfile.TemporaryDirectory(prefix="acestep-emulated-") as work:
+                self.session = _session(emulated_copy(path, Path(work)), options, providers)
+        else:
+            self.session = _session(path, options, providers)
+        self.precision = precision
+        self.emulated = device == "cpu" and precision != "fp32"
         self.providers = self.session.get_providers()
         if self.providers[0] != _PROVIDER[device]:
             raise BackendError(

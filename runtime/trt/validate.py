@@ -1,8 +1,10 @@
 """Engine vs ONNX: run each TensorRT engine and the same ONNX graph in ONNX Runtime (CPU) on the same
 random feeds at the profile's opt shapes, and compare every output (the "engine vs ONNX" validation layer).
 
-Tolerances: the graph spec's for ``--precision fp32`` engines; ``TF32_TOL`` for ``tf32`` engines.
-These thresholds have not been calibrated on real TensorRT yet (see docs/tensorrt.md).
+Tolerances: the graph spec's for ``--precision fp32`` engines; ``TF32_TOL`` for ``tf32`` engines; for graphs
+exported in bf16/fp16, a signal-to-error ratio of at least ``MIN_SNR_DB[dtype]`` against ONNX Runtime running
+the same reduced-precision graph. These thresholds have not been calibrated on real TensorRT yet
+(see docs/tensorrt.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from ..artifacts import Artifacts
 from ..errors import ExportValidationError
+from ..precision import MIN_SNR_DB, snr_db
 from ..specs import GraphSpec, Tolerance
 from .profiles import GraphProfile
 
@@ -29,17 +32,27 @@ class EngineComparison:
     shape: tuple[int, ...]
     max_abs: float
     limit: float
+    snr_db: float = float("inf")
+    min_snr_db: float | None = None  # set for reduced-precision graphs: the SNR floor replaces ``limit``
 
     @property
     def ok(self) -> bool:
+        if not np.isfinite(self.max_abs):
+            return False
+        if self.min_snr_db is not None:
+            return bool(self.snr_db >= self.min_snr_db)
         return bool(self.max_abs <= self.limit)
+
+    @property
+    def bound(self) -> str:
+        return f">={self.min_snr_db:g} dB" if self.min_snr_db is not None else f"<={self.limit:.2e}"
 
     def row(self) -> str:
         return (f"{self.graph:<18} {self.output:<24} {str(self.shape):<20} {self.max_abs:>10.2e} "
-                f"{self.limit:>9.2e}  {'ok' if self.ok else 'FAIL'}")
+                f"{self.snr_db:>7.1f} {self.bound:>10}  {'ok' if self.ok else 'FAIL'}")
 
 
-TABLE_HEADER = f"{'graph':<18} {'output':<24} {'shape':<20} {'max|err|':>10} {'limit':>9}  status"
+TABLE_HEADER = f"{'graph':<18} {'output':<24} {'shape':<20} {'max|err|':>10} {'SNR dB':>7} {'limit':>10}  status"
 
 
 def random_feeds(spec: GraphSpec, profile: GraphProfile, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -69,14 +82,16 @@ def compare_engines(artifacts: Artifacts, trt_runners: dict, ort_runners: dict, 
         feeds = random_feeds(spec, profiles[name], artifacts.config.vocab_size)
         got, ref = trt_runners[name].run(feeds), ort_runner.run(feeds)
         tol = spec.tolerance if precision == "fp32" else TF32_TOL
+        floor = MIN_SNR_DB.get(artifacts.precision(name))
         for out in spec.outputs:
             a, b = got[out.name], ref[out.name]
             if a.dtype == np.bool_:
-                err, limit = float(np.count_nonzero(a != b)), 0.0
-            else:
-                err = float(np.max(np.abs(a.astype(np.float64) - b))) if a.shape == b.shape else float("inf")
-                limit = tol.bound(float(np.max(np.abs(b))) if b.size else 0.0)
-            rows.append(EngineComparison(name, out.name, tuple(b.shape), err, limit))
+                rows.append(EngineComparison(name, out.name, tuple(b.shape), float(np.count_nonzero(a != b)), 0.0))
+                continue
+            err = float(np.max(np.abs(a.astype(np.float64) - b))) if a.shape == b.shape else float("inf")
+            limit = tol.bound(float(np.max(np.abs(b))) if b.size else 0.0)
+            snr = snr_db(a, b) if a.shape == b.shape else float("nan")
+            rows.append(EngineComparison(name, out.name, tuple(b.shape), err, limit, snr, floor))
             log.debug(rows[-1].row())
     return rows
 
@@ -86,5 +101,6 @@ def raise_on_failure(rows: list[EngineComparison]) -> None:
     if bad:
         raise ExportValidationError(
             "TensorRT engines differ from ONNX Runtime beyond tolerance: "
-            + "; ".join(f"{r.graph}.{r.output} max|err| {r.max_abs:.2e} > {r.limit:.2e}" for r in bad) + ".",
+            + "; ".join(f"{r.graph}.{r.output} max|err| {r.max_abs:.2e}, SNR {r.snr_db:.1f} dB (limit {r.bound})"
+                        for r in bad) + ".",
             "rebuild with --precision fp32; if it persists, report the table printed above.")
