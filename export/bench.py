@@ -3,8 +3,12 @@
 Both pipelines are loaded once, warmed up, then run alternately (ours, diffusers, ours, ...) on the same
 prompt and noise, so that drift in machine load hits both equally. Per run we record per-stage times
 (prompt + condition encoding, every DiT step, VAE decode), end-to-end time, and the peak resident memory
-above the level before the run (sampled every 5 ms); on CUDA also the peak GPU memory. Reported figures
-are medians over runs; ratios are diffusers / ours (so > 1 means we are faster).
+above the level before the run (sampled every 5 ms); on CUDA also GPU memory: for diffusers torch's peak
+allocation per run, for this toolkit the device memory it holds after its warm-up (``cudaMemGetInfo``
+before loading and after, measured before diffusers touches the GPU: weights plus ONNX Runtime's arena,
+which keeps its high-water mark; CUDA context excluded on both sides). Reported figures are medians over
+runs; ratios are diffusers / ours (so > 1 means we are faster). The audio of both sides is compared
+(max difference and SNR, diffusers as the signal).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class SideResult:
     runs: list[RunRecord] = field(default_factory=list)
     load_seconds: float = 0.0
     load_rss: int = 0
+    gpu_held: int | None = None  # device memory held after warm-up (ours, see the module docstring)
 
     def median(self, stage: str | None = None) -> float:
         if stage is None:
@@ -91,10 +96,26 @@ class SideResult:
             "dit_total_s": self.median("dit_step"),
             "decode_s": self.median("decode"),
             "host_peak_mb": statistics.median(r.host_peak for r in self.runs) / 2**20,
-            "gpu_peak_mb": statistics.median(gpu) / 2**20 if gpu else None,
+            "gpu_peak_mb": statistics.median(gpu) / 2**20 if gpu else _mb(self.gpu_held),
             "load_s": self.load_seconds,
             "load_rss_mb": self.load_rss / 2**20,
         }
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else value / 2**20
+
+
+def device_memory_used() -> int | None:
+    """Bytes in use on CUDA device 0 (``cudaMemGetInfo``: total - free), or None without cuda-bindings/GPU."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return None
+    err, free, total = cudart.cudaMemGetInfo()
+    if err != cudart.cudaError_t.cudaSuccess:
+        return None
+    return int(total) - int(free)
 
 
 class _StageTimer:
@@ -123,6 +144,7 @@ class OursSide:
         started, rss = time.perf_counter(), _rss_bytes()
         self.rt = AceStepRuntime.load(artifacts, backend=backend, device=device)
         self.load_seconds, self.load_rss = time.perf_counter() - started, _rss_bytes() - rss
+        self.precision = self.rt.artifacts.manifest.get("precision", {"recipe": "fp32"})
         self.timer = _StageTimer()
         for name, runner in self.rt.runners.items():
             runner.run = self._timed(runner.run, self.STAGE_OF[name])
@@ -249,31 +271,41 @@ def run_bench(model_dir: Path, artifacts: Path, cfg: BenchConfig, progress: bool
     """Load both sides, warm up, alternate ``cfg.runs`` timed runs each; return the report dict."""
     from tqdm.auto import tqdm
 
+    gpu_base = device_memory_used() if cfg.device == "cuda" else None  # before any graph is on the GPU
     ours = OursSide(artifacts, cfg.backend, cfg.device)
-    theirs = DiffusersSide(model_dir, cfg.device, cfg.torch_dtype)
     frames = ours.rt.config.latent_length(cfg.duration)
     latents = np.random.default_rng(0).standard_normal((cfg.batch, frames, 64)).astype(np.float32)
     results = {"ours": SideResult("acestep-trt"), "diffusers": SideResult("diffusers")}
+    for _ in range(max(cfg.warmup, 1 if gpu_base is not None else 0)):
+        _one_run(ours, cfg, latents)
+    if gpu_base is not None:
+        used = device_memory_used()
+        results["ours"].gpu_held = None if used is None else used - gpu_base
+    theirs = DiffusersSide(model_dir, cfg.device, cfg.torch_dtype)
     results["ours"].load_seconds, results["ours"].load_rss = ours.load_seconds, ours.load_rss
     results["diffusers"].load_seconds, results["diffusers"].load_rss = theirs.load_seconds, theirs.load_rss
     for _ in range(cfg.warmup):
-        _one_run(ours, cfg, latents)
         _one_run(theirs, cfg, latents)
     audio = {}
     for _ in tqdm(range(cfg.runs), desc="bench", unit="round", disable=not progress):
         for key, side in (("ours", ours), ("diffusers", theirs)):
             record, audio[key] = _one_run(side, cfg, latents)
             results[key].runs.append(record)
-    return _report(cfg, results, audio, ours.sample_rate)
+    return _report(cfg, results, audio, ours.sample_rate, ours.precision)
 
 
-def _report(cfg: BenchConfig, results: dict[str, SideResult], audio: dict, sample_rate: int) -> dict:
+def _report(cfg: BenchConfig, results: dict[str, SideResult], audio: dict, sample_rate: int,
+            precision: dict) -> dict:
     ours, theirs = (results[k].summary(cfg.duration) for k in ("ours", "diffusers"))
     ratio = {k: theirs[k] / ours[k] for k in ("end_to_end_s", "encode_s", "dit_step_s", "decode_s")
              if ours[k] and theirs[k]}
+    from acestep_trt.runtime.precision import snr_db
+
     diff = float(np.max(np.abs(audio["ours"].astype(np.float64) - audio["diffusers"])))
+    snr = snr_db(audio["ours"], audio["diffusers"])
     return {"config": cfg.__dict__, "hardware": hardware(), "ours": ours, "diffusers": theirs,
-            "speedup": ratio, "max_abs_audio_diff": diff, "sample_rate": sample_rate}
+            "speedup": ratio, "max_abs_audio_diff": diff, "audio_snr_db": snr if np.isfinite(snr) else str(snr),
+            "precision": precision, "sample_rate": sample_rate}
 
 
 def hardware() -> dict:
@@ -311,7 +343,8 @@ def format_report(report: dict) -> str:
     fmt = lambda f, v: "n/a" if v is None else f.format(v)  # noqa: E731
     lines = [
         f"{cfg['duration']:g} s clip, batch {cfg['batch']}, {cfg['steps']} steps, device {cfg['device']}, "
-        f"ours {cfg['backend']}, diffusers {cfg['torch_dtype']}, {report['ours']['runs']} alternating runs "
+        f"ours {cfg['backend']} {report['precision'].get('recipe', 'fp32')}, diffusers {cfg['torch_dtype']}, "
+        f"{report['ours']['runs']} alternating runs "
         f"after {cfg['warmup']} warm-up",
         f"hardware: {json.dumps(report['hardware'])}",
         f"{'':<28}{'acestep-trt':>14}{'diffusers':>14}{'speed-up':>10}",
@@ -319,5 +352,7 @@ def format_report(report: dict) -> str:
     for label, key, f in rows:
         speed = f"{s[key]:.2f}x" if key in s else ""
         lines.append(f"{label:<28}{fmt(f, o[key]):>14}{fmt(f, d[key]):>14}{speed:>10}")
-    lines.append(f"max |audio difference|: {report['max_abs_audio_diff']:.2e}")
+    snr = report["audio_snr_db"]
+    snr_text = f"{snr:.1f} dB" if isinstance(snr, float) else snr
+    lines.append(f"audio, ours against diffusers: max |difference| {report['max_abs_audio_diff']:.2e}, SNR {snr_text}")
     return "\n".join(lines)

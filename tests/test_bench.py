@@ -20,6 +20,9 @@ def test_bench_reports_both_sides(tiny, tmp_path):
         assert report[side]["end_to_end_s"] > 0 and report[side]["dit_step_s"] > 0
     assert set(report["speedup"]) >= {"end_to_end_s", "dit_step_s", "decode_s"}
     assert report["max_abs_audio_diff"] < 1e-4  # same noise, same audio
+    assert report["audio_snr_db"] > 80.0
+    assert report["precision"]["recipe"] == "fp32"
+    assert report["ours"]["gpu_peak_mb"] is None and report["diffusers"]["gpu_peak_mb"] is None  # CPU run
     assert "speed-up" in result.output
 
 

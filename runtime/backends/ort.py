@@ -62,8 +62,8 @@ def _check_precision(name: str, precision: str, device: str, emulate: bool) -> b
         return False
     if not emulate:
         raise BackendError(
-            f"{name} is a {precision} graph (exported with --precision); ONNX Runtime's CPU provider has no "
-            f"{precision} kernels.",
+            f"{name} was exported in {precision} (export --precision); ONNX Runtime's CPU provider has no bf16 "
+            "kernels and few fp16 ones, so it does not run reduced-precision graphs.",
             "run it on a GPU (--device cuda), export again with --precision fp32 for CPU use, or pass "
             "--emulate-precision to check its numerics on the CPU (fp32 arithmetic rounded to the graph's "
             "precision; slower than fp32).",
