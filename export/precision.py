@@ -124,16 +124,23 @@ def fp32_island(module, restore_dtype: bool = True):
 
 
 def cast_dit(transformer, dtype: str) -> None:
-    """Cast ``AceStepTransformer1DModel`` in place to ``dtype`` with the fp32 islands of the module docstring."""
+    """Cast ``AceStepTransformer1DModel`` in place to ``dtype`` with the fp32 islands of the module docstring.
+
+    Island parameters are never rounded: they keep the checkpoint's fp32 values.
+    """
     if dtype == "fp32":
         return
     from diffusers.models.normalization import RMSNorm
 
-    transformer.to(torch_dtype(dtype))
-    transformer.time_embed.float()
-    transformer.time_embed_r.float()
-    for module in [transformer, *transformer.layers]:
-        module.scale_shift_table.data = module.scale_shift_table.data.float()
+    islands = {"time_embed", "time_embed_r", "proj_in_conv", "proj_out_conv"}
+    keep = {id(module.scale_shift_table) for module in [transformer, *transformer.layers]}
+    for name, module in transformer.named_modules():
+        if name in islands or isinstance(module, RMSNorm):
+            keep.update(id(p) for p in module.parameters())
+    low = torch_dtype(dtype)
+    for tensor in [*transformer.parameters(), *transformer.buffers()]:
+        if id(tensor) not in keep and tensor.is_floating_point():
+            tensor.data = tensor.data.to(low)
     _wrap_children(transformer, RMSNorm, restore_dtype=True)
     transformer.proj_in_conv = fp32_island(transformer.proj_in_conv, restore_dtype=False)
     transformer.proj_out_conv = fp32_island(transformer.proj_out_conv, restore_dtype=False)

@@ -190,6 +190,27 @@ def test_dit_keeps_its_fp32_islands(reduced):
     assert TensorProto.BFLOAT16 in by_op["MatMul"] and TensorProto.BFLOAT16 in by_op["Softmax"]
 
 
+def test_cast_dit_keeps_island_weights_exact(tiny):
+    import torch
+
+    from acestep_trt.export.checkpoint import load_component
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dit = load_component(tiny.checkpoint, "transformer")
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    prec.cast_dit(dit, "bf16")
+    after = {k.replace(".inner.", "."): v for k, v in dit.state_dict().items()}
+    assert after.keys() == before.keys()
+    island = ("time_embed.", "time_embed_r.", "proj_in_conv.", "proj_out_conv.", "scale_shift_table", "norm")
+    for key, value in after.items():
+        if any(part in key for part in island):
+            assert value.dtype == torch.float32 and torch.equal(value, before[key]), key
+        else:
+            assert value.dtype == torch.bfloat16, key
+    assert any("mlp" in k for k in after) and any("norm_q" in k for k in after)
+
+
 @pytest.mark.parametrize("name", GRAPH_NAMES)
 def test_emulated_graph_matches_pytorch_in_the_same_precision(reduced, name, tmp_path):
     """The exported graph is as close to fp32 as the PyTorch module cast by the same recipe (within 1.5 dB).
