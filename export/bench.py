@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from acestep_trt.runtime.compare import CASES
+from acestep_trt.runtime.precision import json_number, snr_db
+
 log = logging.getLogger(__name__)
 
 STAGES = ("encode", "dit_step", "decode")
@@ -241,8 +244,8 @@ class BenchConfig:
     device: str = "cpu"
     backend: str = "ort"
     torch_dtype: str = "fp32"
-    prompt: str = "upbeat electronic dance track with piano and a catchy synth lead"
-    lyrics: str = "[verse]\nSoft notes in the morning light\n[chorus]\nMusic fills the air tonight"
+    prompt: str = CASES[0][0]
+    lyrics: str = CASES[0][1]
 
 
 def _gpu_peak_reset(side) -> None:
@@ -299,12 +302,10 @@ def _report(cfg: BenchConfig, results: dict[str, SideResult], audio: dict, sampl
     ours, theirs = (results[k].summary(cfg.duration) for k in ("ours", "diffusers"))
     ratio = {k: theirs[k] / ours[k] for k in ("end_to_end_s", "encode_s", "dit_step_s", "decode_s")
              if ours[k] and theirs[k]}
-    from acestep_trt.runtime.precision import snr_db
-
     diff = float(np.max(np.abs(audio["ours"].astype(np.float64) - audio["diffusers"])))
     snr = snr_db(audio["ours"], audio["diffusers"])
     return {"config": cfg.__dict__, "hardware": hardware(), "ours": ours, "diffusers": theirs,
-            "speedup": ratio, "max_abs_audio_diff": diff, "audio_snr_db": snr if np.isfinite(snr) else str(snr),
+            "speedup": ratio, "max_abs_audio_diff": diff, "audio_snr_db": json_number(snr),
             "precision": precision, "sample_rate": sample_rate}
 
 

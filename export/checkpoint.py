@@ -7,14 +7,12 @@ Components are loaded one at a time so that a full-size export never holds every
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
 from acestep_trt.runtime.errors import CheckpointError
 from acestep_trt.runtime.specs import ModelConfig
 
-log = logging.getLogger(__name__)
 
 REQUIRED = {
     "text_encoder": "config.json",

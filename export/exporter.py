@@ -185,15 +185,13 @@ def validate_graph(cases: list[tuple], spec: GraphSpec, path: Path, dtype: str =
     on CUDA when onnxruntime-gpu sees a GPU, else emulated on the CPU, and must keep ``min_snr_db``
     against fp32. Called after the PyTorch module is freed, so a full-size graph never sits in memory twice.
     """
-    from acestep_trt.runtime.backends.ort import OrtGraph, cuda_available
+    from acestep_trt.runtime.backends.ort import checking_graph
 
-    device = "cuda" if dtype != "fp32" and cuda_available() else "cpu"
-    graph = OrtGraph(path, spec, device, precision=dtype, emulate=True)
+    graph = checking_graph(path, spec, dtype)
     rows = []
     for dims, feeds, ref in cases:
         got = graph.run(feeds)
         rows.extend(val.compare(spec, dims, got, ref, min_snr_db))
-    del graph
     return rows
 
 
@@ -231,7 +229,6 @@ def export_artifacts(
     report = ExportReport(out_dir=out_dir, precision=plan)
     try:
         specs = all_specs(cfg)
-        recipes = _recipes()
         extra: dict = {}
         with tqdm(total=len(GRAPH_NAMES) + 1, desc="export", unit="graph", disable=not progress) as bar:
             for name in GRAPH_NAMES:
@@ -278,7 +275,7 @@ def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -
         dtype = plan.graphs[name]
         result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate, dtype).result()
     extra.update(result["scalars"])
-    extra.update({key: np.load(path) for key, path in result["arrays"].items()})
+    extra.update({key: np.load(path, mmap_mode="r") for key, path in result["arrays"].items()})  # read when written
     if validate:
         with open(result["cases"], "rb") as fh:
             cases = pickle.load(fh)
@@ -289,7 +286,7 @@ def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -
         val.raise_on_failure(rows)
 
 
-def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dtype: str = "fp32") -> dict:
+def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dtype: str) -> dict:
     """Child process: load one component, trace it in ``dtype``, save fp32 reference outputs and constants.
 
     References and constants come from the fp32 module, before it is cast for a reduced-precision trace.

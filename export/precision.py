@@ -99,10 +99,6 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-class Fp32Island:
-    """Marker mixin; see :func:`fp32_island`."""
-
-
 def fp32_island(module, restore_dtype: bool = True):
     """Wrap ``module`` (kept in fp32) so it takes inputs of any float dtype and computes in fp32.
 
@@ -111,7 +107,7 @@ def fp32_island(module, restore_dtype: bool = True):
     import torch
     from torch import nn
 
-    class _Island(nn.Module, Fp32Island):
+    class _Island(nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner.float()
@@ -148,28 +144,20 @@ def cast_dit(transformer, dtype: str) -> None:
 
 def _wrap_children(root, kind, restore_dtype: bool) -> None:
     """Replace every submodule of type ``kind`` under ``root`` with its fp32 island."""
-    for parent in list(root.modules()):
-        if isinstance(parent, Fp32Island):
-            continue
+    for parent in list(root.modules()):  # listed before wrapping: new islands are not visited
         for name, child in list(parent.named_children()):
             if isinstance(child, kind):
                 setattr(parent, name, fp32_island(child, restore_dtype))
 
 
-class ReducedPrecision:
-    """Wraps an encoder or VAE adapter traced in a reduced dtype: float inputs are cast down on entry
-    and float outputs back to fp32, so the graph keeps its spec's fp32 interface."""
-
-
 def reduced_adapter(adapter, dtype: str):
-    """``adapter`` cast to ``dtype`` behind fp32 inputs and outputs (text/condition encoder, VAE).
-
+    """``adapter`` cast to ``dtype`` behind fp32 inputs and outputs (text/condition encoder, VAE): float
+    inputs are cast down on entry and float outputs back to fp32, so the graph keeps its spec's interface.
     The wrapper's ``forward`` carries the adapter's signature, so the exporter still sees the spec's
     input names.
     """
     import inspect
 
-    import torch
     from torch import nn
 
     low = torch_dtype(dtype)
@@ -183,7 +171,7 @@ def reduced_adapter(adapter, dtype: str):
 
     params = list(inspect.signature(type(adapter).forward).parameters.values())
     forward.__signature__ = inspect.Signature(params)
-    wrapper = type(f"Reduced{type(adapter).__name__}", (nn.Module, ReducedPrecision), {"forward": forward})()
+    wrapper = type(f"Reduced{type(adapter).__name__}", (nn.Module,), {"forward": forward})()
     wrapper.inner = adapter.to(low)
     return wrapper
 

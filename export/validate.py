@@ -7,16 +7,13 @@ dim bindings: batch 1 and 3, odd latent lengths, and sequences longer than the s
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from acestep_trt.runtime.errors import ExportValidationError
-from acestep_trt.runtime.precision import snr_db
+from acestep_trt.runtime.precision import limit_text, snr_db, within_limit
 from acestep_trt.runtime.specs import GraphSpec, ModelConfig
-
-log = logging.getLogger(__name__)
 
 
 def trace_dims(cfg: ModelConfig) -> dict[str, int]:
@@ -87,15 +84,11 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        if not np.isfinite(self.max_abs):
-            return False
-        if self.min_snr_db is not None:
-            return self.snr_db >= self.min_snr_db
-        return self.max_abs <= self.bound
+        return within_limit(self.max_abs, self.bound, self.snr_db, self.min_snr_db)
 
     @property
     def limit(self) -> str:
-        return f">={self.min_snr_db:g} dB" if self.min_snr_db is not None else f"<={self.bound:.2e}"
+        return limit_text(self.bound, self.min_snr_db)
 
     def row(self) -> str:
         status = "ok" if self.ok else "FAIL"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ import numpy as np
 from .errors import ArtifactError
 from .specs import GRAPH_NAMES, GraphSpec, ModelConfig, all_specs
 
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -19,7 +19,7 @@ import numpy as np
 
 from .artifacts import read_manifest
 from .errors import InputError
-from .precision import snr_db
+from .precision import json_number, snr_db
 from .vae import normalize_peak
 
 log = logging.getLogger(__name__)
@@ -54,28 +54,24 @@ class CompareReport:
     def min_audio_snr_db(self) -> float:
         return min(c.audio_snr_db for c in self.cases)
 
-    def to_dict(self) -> dict:
-        audio = [c.audio_snr_db for c in self.cases]
-        latents = [c.latents_snr_db for c in self.cases]
-        out = asdict(self)
-        out["summary"] = {"audio_snr_db_median": statistics.median(audio), "audio_snr_db_min": min(audio),
-                          "latents_snr_db_median": statistics.median(latents), "all_finite": self.all_finite}
-        return _finite_json(out)
-
     @property
     def all_finite(self) -> bool:
         return all(c.finite for c in self.cases)
 
+    def summary(self) -> dict:
+        return {"audio_snr_db_median": statistics.median(c.audio_snr_db for c in self.cases),
+                "audio_snr_db_min": self.min_audio_snr_db,
+                "latents_snr_db_median": statistics.median(c.latents_snr_db for c in self.cases),
+                "all_finite": self.all_finite}
 
-def _finite_json(value):
-    """JSON has no inf/nan: write them as strings."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_json(v) for v in value]
-    return value
+    def to_dict(self) -> dict:
+        """JSON-ready (inf/nan SNRs as strings)."""
+        out = asdict(self)
+        for case in out["cases"]:
+            case["latents_snr_db"], case["audio_snr_db"] = (json_number(case["latents_snr_db"]),
+                                                           json_number(case["audio_snr_db"]))
+        out["summary"] = {k: json_number(v) if isinstance(v, float) else v for k, v in self.summary().items()}
+        return out
 
 
 def _check_pair(reference: Path, candidate: Path) -> dict:
@@ -130,6 +126,6 @@ def format_report(report: CompareReport) -> str:
              f"{'prompt':<48} {'seed':>4} {'latents SNR dB':>15} {'audio SNR dB':>13}  finite"]
     for c in report.cases:
         lines.append(f"{c.prompt[:48]:<48} {c.seed:>4} {c.latents_snr_db:>15.1f} {c.audio_snr_db:>13.1f}  {c.finite}")
-    summary = report.to_dict()["summary"]
-    lines.append(f"median audio SNR {summary['audio_snr_db_median']:.1f} dB, minimum {report.min_audio_snr_db:.1f} dB")
+    median = report.summary()["audio_snr_db_median"]
+    lines.append(f"median audio SNR {median:.1f} dB, minimum {report.min_audio_snr_db:.1f} dB")
     return "\n".join(lines)

@@ -29,7 +29,6 @@ from .vae import DEFAULT_VAE_WINDOW, decode_windowed, normalize_peak, window_ove
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class AceStepOutput:
     """``audios`` [B, channels, samples] float32 (or latents [B, T, 64] for ``output_type="latent"``)."""
@@ -200,12 +199,13 @@ class AceStepRuntime:
         """Euler loop with host arrays; ``guidance`` = (scale, null condition, interval) enables APG."""
         batch = x.shape[0]
         buffer = sched.MomentumBuffer(-0.75)
+        if guidance:  # the conditional and unconditional halves, built once for every guided step
+            scale, null, _ = guidance
+            both_condition, both_context = np.concatenate([condition, null]), np.concatenate([context, context])
         for i in range(len(ts)):
             t, dt = np.float32(ts[i]), np.float32(sigmas[i + 1] - sigmas[i])
             if guidance and guidance[2][0] <= 1.0 - float(t) <= guidance[2][1]:
-                scale, null, _ = guidance
-                both = self.dit_step(np.concatenate([x, x]), t, dt, np.concatenate([condition, null]),
-                                     np.concatenate([context, context]))["velocity"]
+                both = self.dit_step(np.concatenate([x, x]), t, dt, both_condition, both_context)["velocity"]
                 v = sched.apg(both[:batch], both[batch:], scale - 1.0, buffer)
                 x = sched.euler_step(x, v, sigmas[i], sigmas[i + 1])
             else:

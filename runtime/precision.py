@@ -41,23 +41,31 @@ def snr_db(got, ref) -> float:
     return float(value) if np.isfinite(err) else float("nan")
 
 
+def within_limit(max_abs: float, bound: float, snr: float, min_snr_db: float | None) -> bool:
+    """A comparison passes: finite, and SNR >= ``min_snr_db`` when set (reduced precision), else max-abs <= bound."""
+    import numpy as np
+
+    if not np.isfinite(max_abs):
+        return False
+    return bool(snr >= min_snr_db) if min_snr_db is not None else bool(max_abs <= bound)
+
+
+def limit_text(bound: float, min_snr_db: float | None) -> str:
+    """The limit :func:`within_limit` applies, for tables: ``>=30 dB`` or ``<=1.20e-04``."""
+    return f">={min_snr_db:g} dB" if min_snr_db is not None else f"<={bound:.2e}"
+
+
+def json_number(value: float) -> float | str:
+    """``value`` for JSON, which has no inf/nan: those become the strings ``"inf"``/``"nan"``."""
+    import math
+
+    return float(value) if math.isfinite(value) else str(float(value))
+
+
 def _low_types():
     from onnx import TensorProto
 
     return {TensorProto.BFLOAT16, TensorProto.FLOAT16}
-
-
-def reduced_types(model) -> set[str]:
-    """Names of the reduced float types (``"bf16"``, ``"fp16"``) held anywhere in ``model``'s main graph."""
-    from onnx import TensorProto
-
-    names = {TensorProto.BFLOAT16: "bf16", TensorProto.FLOAT16: "fp16"}
-    found = {names[t.data_type] for t in model.graph.initializer if t.data_type in names}
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.name == "to" and attr.i in names:
-                found.add(names[attr.i])
-    return found
 
 
 def _value_types(model) -> dict[str, int]:
@@ -113,13 +121,11 @@ def emulate(model) -> None:
             kind = types.get(out)
             if kind not in low:
                 continue
-            if node.op_type == "Cast":  # already rounded to `kind`: only come back to fp32
-                node.output[i] = out + _ROUND_SUFFIX
-                nodes.append(helper.make_node("Cast", [node.output[i]], [out], to=TensorProto.FLOAT))
-                continue
-            node.output[i] = out + _ROUND_SUFFIX
-            nodes.append(helper.make_node("Cast", [node.output[i]], [out + _ROUND_SUFFIX + "_r"], to=kind))
-            nodes.append(helper.make_node("Cast", [out + _ROUND_SUFFIX + "_r"], [out], to=TensorProto.FLOAT))
+            raw = node.output[i] = out + _ROUND_SUFFIX
+            if node.op_type != "Cast":  # a Cast to `kind` has rounded already
+                nodes.append(helper.make_node("Cast", [raw], [raw + "_r"], to=kind))
+                raw += "_r"
+            nodes.append(helper.make_node("Cast", [raw], [out], to=TensorProto.FLOAT))
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]

@@ -27,9 +27,11 @@ def generate(model_dir: str, dtype, duration: float, steps: int) -> list[tuple[n
     import torch
     from diffusers import AceStepPipeline
 
+    from acestep_trt.export.checkpoint import inspect_checkpoint
+
     pipe = AceStepPipeline.from_pretrained(model_dir, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    frames = int(np.ceil(duration * 25))
+    frames = inspect_checkpoint(model_dir).latent_length(duration)
     outputs = []
     for prompt, lyrics in CASES:
         noise = np.random.default_rng(0).standard_normal((1, frames, 64), dtype=np.float32)

@@ -184,6 +184,26 @@ def test_failed_export_leaves_nothing_behind(tiny, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]  # no staging directory left
 
 
+def test_export_beyond_tolerance_exits_5_and_writes_nothing(tiny, tmp_path, monkeypatch):
+    from acestep_trt.runtime.specs import Tolerance
+
+    monkeypatch.setattr(Tolerance, "bound", lambda self, scale: -1.0)  # every fp32 comparison now fails
+    result = run_cli("export", tiny.checkpoint, tmp_path / "out")
+    assert_refused(result, 5, "differs from PyTorch", "text_encoder")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_artifacts_of_another_version_are_refused(artifacts_copy, tmp_path):
+    manifest = json.loads((artifacts_copy / "manifest.json").read_text())
+    spec = manifest["graphs"]["dit_step"]["spec"]
+    spec["inputs"] = [t for t in spec["inputs"] if t["name"] != "dt"]
+    spec["outputs"] = [t for t in spec["outputs"] if t["name"] != "next_latents"]
+    (artifacts_copy / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "x.wav"
+    assert_refused(generate(artifacts_copy, out), 3, "another acestep-trt version", "missing dt, next_latents")
+    assert not out.exists()
+
+
 def test_real_process_exit_code_and_stderr(tiny, tmp_path):
     out = tmp_path / "x.wav"
     proc = subprocess.run(

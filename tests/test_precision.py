@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from acestep_trt.export import precision as prec
 from acestep_trt.runtime.errors import BackendError, InputError
-from acestep_trt.runtime.precision import MIN_SNR_DB, emulate, emulated_copy, reduced_types, snr_db
+from acestep_trt.runtime.precision import MIN_SNR_DB, emulate, emulated_copy, snr_db
 from acestep_trt.runtime.specs import GRAPH_NAMES
 
 from .conftest import REDUCED_OVERRIDES, noise
@@ -28,6 +28,17 @@ EXPECTED = {"text_encoder": "fp16", "condition_encoder": "bf16", "dit_step": "bf
 
 
 # ------------------------------------------------------------------ emulation, against NumPy
+
+
+def reduced_types(model) -> set[str]:
+    """Names of the reduced float types (``"bf16"``, ``"fp16"``) held anywhere in ``model``'s main graph."""
+    names = {TensorProto.BFLOAT16: "bf16", TensorProto.FLOAT16: "fp16"}
+    found = {names[t.data_type] for t in model.graph.initializer if t.data_type in names}
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i in names:
+                found.add(names[attr.i])
+    return found
 
 
 def _matmul_graph(low: int):

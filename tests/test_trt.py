@@ -22,7 +22,8 @@ from acestep_trt.runtime.artifacts import read_manifest
 from acestep_trt.runtime.backends import resolve_backend
 from acestep_trt.runtime.errors import ArtifactError, BackendError, InputError
 from acestep_trt.runtime.specs import GRAPH_NAMES, ModelConfig, all_specs
-from acestep_trt.runtime.trt.builder import ENGINE_NAMES, build_engines
+from acestep_trt.runtime.specs import GRAPH_NAMES as ENGINE_NAMES
+from acestep_trt.runtime.trt.builder import build_engines
 from acestep_trt.runtime.trt.manifest import ENGINE_MANIFEST, onnx_records
 from acestep_trt.runtime.trt.profiles import (ProfileRequest, ShapeRange, derive_profiles,
                                               rebuild_args)

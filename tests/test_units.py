@@ -195,6 +195,21 @@ def test_cuda_without_gpu_is_a_clear_error(tiny):
         AceStepRuntime.load(tiny.artifacts, device="cuda")
 
 
+def test_a_verified_copy_is_not_hashed_again(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    from acestep_trt.runtime import artifacts
+
+    copy = tmp_path / "art"
+    shutil.copytree(tiny.artifacts, copy)  # keeps mtimes and the cache export seeded
+
+    def no_hashing(path, *args, **kwargs):
+        raise AssertionError(f"{path} was hashed again")
+
+    monkeypatch.setattr(artifacts, "sha256_file", no_hashing)
+    artifacts.load_artifacts(copy)
+
+
 def test_export_seeds_the_verification_cache(tiny, tmp_path):
     """Export records what it hashed, so the first load does not hash again; a changed file is still caught."""
     import json

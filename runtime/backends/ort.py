@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import numpy as np
 from ..errors import ArtifactError, BackendError
 from ..specs import GraphSpec
 
-log = logging.getLogger(__name__)
 
 _PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -94,8 +92,6 @@ class OrtGraph:
                 self.session = _session(emulated_copy(path, Path(work)), options, providers)
         else:
             self.session = _session(path, options, providers)
-        self.precision = precision
-        self.emulated = device == "cpu" and precision != "fp32"
         self.providers = self.session.get_providers()
         if self.providers[0] != _PROVIDER[device]:
             raise BackendError(
@@ -105,7 +101,6 @@ class OrtGraph:
         self.name = spec.name
         self.spec = spec
         self._outputs = [o.name for o in spec.outputs]
-
         self.device = device
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,3 +128,10 @@ class OrtGraph:
         for name in self._outputs:
             binding.bind_ortvalue_output(name, outputs[name])
         self.session.run_with_iobinding(binding)
+
+
+def checking_graph(path: Path, spec: GraphSpec, precision: str) -> OrtGraph:
+    """``path`` in ONNX Runtime as the reference for a validation: fp32 graphs on the CPU provider (no
+    TF32); reduced-precision graphs natively on CUDA when onnxruntime-gpu is present, else emulated on the CPU."""
+    device = "cuda" if precision != "fp32" and cuda_available() else "cpu"
+    return OrtGraph(path, spec, device, precision=precision, emulate=True)

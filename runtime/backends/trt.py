@@ -21,11 +21,11 @@ import numpy as np
 
 from ..artifacts import Artifacts, read_manifest
 from ..errors import AceStepError, ArtifactError, BackendError
-from ..specs import DIT_STEP, GraphSpec
-from ..trt.builder import ENGINE_NAMES
+from ..specs import DIT_STEP, GRAPH_NAMES, GraphSpec
 from ..trt.libs import NO_GPU, check_cuda, gpu_info, import_cudart, import_tensorrt
 from ..trt.manifest import ENGINE_MANIFEST, EngineManifest, default_engine_dir, verify_engines
 from ..trt.profiles import GraphProfile, rebuild_args
+from ..vae import DEFAULT_VAE_WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +276,11 @@ class TrtDitGraph(TrtGraph):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_engines(artifacts: Artifacts, engine_dir: str | Path | None = None, vae_window: int = 256,
-                 device: int = 0) -> dict[str, TrtGraph]:
+def load_engines(artifacts: Artifacts, engine_dir: str | Path | None = None, vae_window: int = DEFAULT_VAE_WINDOW,
+                 device: int = 0, full_hash: bool = True) -> dict[str, TrtGraph]:
     """Verify and deserialize every engine for ``artifacts``; graph name -> runner.
+
+    ``full_hash=False`` checks engine sizes but not their SHA-256 (for engines this process has just built).
 
     Raises :class:`BackendError` (no TensorRT, cuda-bindings or GPU) or :class:`ArtifactError` (stale,
     foreign or corrupted engines), each with the remedy.
@@ -290,8 +292,8 @@ def load_engines(artifacts: Artifacts, engine_dir: str | Path | None = None, vae
     except BackendError as err:
         raise BackendError(err.problem, f"{err.remedy} Or use --backend ort (ONNX Runtime).") from None
     engine_dir = Path(engine_dir) if engine_dir is not None else default_engine_dir(artifacts.root)
-    manifest = verify_engines(engine_dir, artifacts.root, artifacts.manifest, ENGINE_NAMES, str(trt.__version__),
-                              gpu.compute_capability)
+    manifest = verify_engines(engine_dir, artifacts.root, artifacts.manifest, GRAPH_NAMES, str(trt.__version__),
+                              gpu.compute_capability, full_hash=full_hash)
     _check_runtime_fits(trt, manifest, vae_window, artifacts.root, engine_dir)
     cuda = CudaStream(cudart, device)
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -339,7 +341,7 @@ def engines_usable(artifacts_dir: str | Path, engine_dir: str | Path | None = No
     try:
         trt = import_tensorrt(lean_ok=True)
         gpu = gpu_info(import_cudart())
-        manifest = verify_engines(engine_dir, artifacts_dir, read_manifest(artifacts_dir), ENGINE_NAMES,
+        manifest = verify_engines(engine_dir, artifacts_dir, read_manifest(artifacts_dir), GRAPH_NAMES,
                                   str(trt.__version__), gpu.compute_capability, full_hash=False)
         if getattr(trt, "__name__", "tensorrt") == "tensorrt_lean" and not manifest.version_compatible:
             return "only the lean TensorRT runtime is installed and the engines are not version-compatible"

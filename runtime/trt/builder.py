@@ -15,6 +15,7 @@ unchanged and whose file still verifies is kept, not rebuilt.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -31,7 +32,6 @@ from .profiles import GraphProfile, ProfileRequest, derive_profiles
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "tf32")
-ENGINE_NAMES = GRAPH_NAMES
 
 
 def build_engines(
@@ -63,7 +63,7 @@ def build_engines(
     previous = None if force else _previous(out, header)
     session = _Session(trt, Path(timing_cache) if timing_cache else out / TIMING_CACHE, workspace_gib)
     graphs = {}
-    for name in ENGINE_NAMES:
+    for name in GRAPH_NAMES:
         record = _record(artifacts, name, profiles[name])
         old = (previous or {}).get(name)
         if old is not None and _reusable(out, old, record):
@@ -75,8 +75,8 @@ def build_engines(
     manifest = EngineManifest(out, {**header, "graphs": graphs, "built_unix": int(time.time()),
                                     "artifacts_dir": str(Path(artifacts_dir).resolve())})
     manifest.write()
-    log.info("engines written to %s (TensorRT %s, %s, compute capability %s)", out, trt.__version__, gpu.name,
-             gpu.compute_capability)
+    log.debug("engines written to %s (TensorRT %s, %s, compute capability %s)", out, trt.__version__, gpu.name,
+              gpu.compute_capability)  # the build command prints the summary
     return manifest
 
 
@@ -112,8 +112,7 @@ def _previous(out: Path, header: dict) -> dict | None:
 
 def _record(artifacts: Artifacts, name: str, profile: GraphProfile) -> dict:
     """What an engine depends on: its ONNX files (by hash), the ONNX precision and the profile."""
-    graph = artifacts.manifest["graphs"][name]
-    return {"onnx": onnx_records(artifacts.manifest, name), "onnx_precision": graph.get("precision", "fp32"),
+    return {"onnx": onnx_records(artifacts.manifest, name), "onnx_precision": artifacts.precision(name),
             "profile": profile.to_dict()}
 
 
@@ -177,10 +176,11 @@ class _Session:
                                "check GPU memory and the TensorRT log; retry with a smaller --max-duration "
                                "or --max-batch, or use --backend ort.")
         path = out / f"{name}.plan"
+        data = memoryview(plan)  # size and hash from the bytes in hand, not by reading the file back
         _write_atomic(path, plan)
         seconds = time.perf_counter() - started
-        log.info("%s: %s (%.1f MiB, %.1f s)", name, path.name, path.stat().st_size / 2**20, seconds)
-        return {"engine": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), **record,
+        log.info("%s: %s (%.1f MiB, %.1f s)", name, path.name, data.nbytes / 2**20, seconds)
+        return {"engine": path.name, "bytes": data.nbytes, "sha256": hashlib.sha256(data).hexdigest(), **record,
                 "build_seconds": round(seconds, 2)}
 
     def save_timing_cache(self) -> None:

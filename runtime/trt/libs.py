@@ -10,12 +10,10 @@ inject fake modules via ``sys.modules``.
 from __future__ import annotations
 
 import importlib
-import logging
 from dataclasses import dataclass
 
 from ..errors import BackendError
 
-log = logging.getLogger(__name__)
 
 INSTALL_TRT = ("install TensorRT on a machine with an NVIDIA GPU: `pip install tensorrt-cu13` (its libraries come "
                "from NVIDIA's index, pypi.nvidia.com).")

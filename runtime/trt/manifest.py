@@ -1,7 +1,7 @@
 """``engines.json``: what each engine was built from and with, and the checks that refuse a stale engine.
 
 An engine is valid only for the TensorRT version that built it (unless built version-compatible, then
-for that version and later ones of the same major), for the GPU compute capability it was built on,
+for that version and any later one: the check accepts a later major too, as the tests do), for the GPU compute capability it was built on,
 and for the exact ONNX files it was built from. Each of these is recorded at build time and checked at
 load time; a mismatch is an :class:`ArtifactError` that says how to rebuild. An engine is never reused
 on the file's existence alone.
@@ -16,7 +16,6 @@ Layout (``ENGINE_DIR`` defaults to ``ARTIFACTS_DIR/engines``)::
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from ..errors import ArtifactError
 from .libs import version_tuple
 from .profiles import GraphProfile, ProfileRequest
 
-log = logging.getLogger(__name__)
 
 ENGINE_FORMAT_VERSION = 1
 ENGINE_MANIFEST = "engines.json"

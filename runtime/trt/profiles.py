@@ -17,7 +17,6 @@ from ..specs import CONDITION_ENCODER, DIT_STEP, TEXT_ENCODER, VAE_DECODER, Grap
 from ..vae import DEFAULT_VAE_WINDOW, window_overlap
 
 
-
 @dataclass(frozen=True)
 class ShapeRange:
     """One dimension's range in an optimisation profile: ``1 <= min <= opt <= max``."""

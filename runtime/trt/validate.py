@@ -16,7 +16,7 @@ import numpy as np
 
 from ..artifacts import Artifacts
 from ..errors import ExportValidationError
-from ..precision import MIN_SNR_DB, snr_db
+from ..precision import MIN_SNR_DB, limit_text, snr_db, within_limit
 from ..specs import GraphSpec, Tolerance
 from .profiles import GraphProfile
 
@@ -37,15 +37,11 @@ class EngineComparison:
 
     @property
     def ok(self) -> bool:
-        if not np.isfinite(self.max_abs):
-            return False
-        if self.min_snr_db is not None:
-            return bool(self.snr_db >= self.min_snr_db)
-        return bool(self.max_abs <= self.limit)
+        return within_limit(self.max_abs, self.limit, self.snr_db, self.min_snr_db)
 
     @property
     def bound(self) -> str:
-        return f">={self.min_snr_db:g} dB" if self.min_snr_db is not None else f"<={self.limit:.2e}"
+        return limit_text(self.limit, self.min_snr_db)
 
     def row(self) -> str:
         return (f"{self.graph:<18} {self.output:<24} {str(self.shape):<20} {self.max_abs:>10.2e} "
@@ -73,13 +69,13 @@ def random_feeds(spec: GraphSpec, profile: GraphProfile, vocab: int, seed: int =
     return feeds
 
 
-def compare_engines(artifacts: Artifacts, trt_runners: dict, ort_runners: dict, profiles: dict[str, GraphProfile],
+def compare_engines(artifacts: Artifacts, trt_runners: dict, ort_runners: dict,
                     precision: str) -> list[EngineComparison]:
-    """One :class:`EngineComparison` per graph output; bool outputs must match exactly."""
+    """One :class:`EngineComparison` per graph output, at each engine's profile; bool outputs must match exactly."""
     rows = []
     for name, ort_runner in ort_runners.items():
         spec = artifacts.specs[name]
-        feeds = random_feeds(spec, profiles[name], artifacts.config.vocab_size)
+        feeds = random_feeds(spec, trt_runners[name].profile, artifacts.config.vocab_size)
         got, ref = trt_runners[name].run(feeds), ort_runner.run(feeds)
         tol = spec.tolerance if precision == "fp32" else TF32_TOL
         floor = MIN_SNR_DB.get(artifacts.precision(name))
