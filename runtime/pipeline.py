@@ -387,6 +387,8 @@ class AceStepRuntime:
             seeds = [int(seed)] if batch == 1 else None
         else:
             raise InputError(f"`seed` must be an int or a list of ints, got {seed!r}.", "pass e.g. seed=42.")
+        if any(s < 0 for s in (seeds or [int(seed)])):  # NumPy's SeedSequence takes no negative entropy
+            raise InputError(f"`seed` must be >= 0, got {seed!r}.", "pass a non-negative seed, e.g. seed=42.")
         if seeds is None:  # one int for a batch: one stream, like a single torch generator
             noise = np.random.default_rng(int(seed)).standard_normal(shape, dtype=np.float32)
             return noise, [int(seed)]

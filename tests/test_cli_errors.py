@@ -49,6 +49,7 @@ def generate(artifacts, out, *extra):
         (("--shift", "0"), "shift"),
         (("--shift", "nan"), "shift"),
         (("--shift", "-1"), "shift"),
+        (("--seed", "-1"), "seed"),
     ],
 )
 def test_bad_numbers_are_refused(tiny, tmp_path, extra, needle):

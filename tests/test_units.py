@@ -178,6 +178,7 @@ def test_runtime_input_errors(runtime):
         dict(prompt=["a", "b"], lyrics=["only one"]), dict(prompt="x", task_type="cover"),
         dict(prompt="x", latents=np.zeros((1, 3, 64), np.float32)), dict(prompt="x", seed="abc"),
         dict(prompt=["a", "b"], seed=[1]), dict(prompt="x", guidance_scale=-1),
+        dict(prompt="x", seed=-1), dict(prompt=["a", "b"], seed=[1, -2]), dict(prompt=["a", "b"], seed=-3),
     ]
     for kwargs in bad_calls:
         with pytest.raises(InputError):
