@@ -56,8 +56,10 @@ def main(verbose: bool) -> None:
               help="Recipe: fp32 everywhere, or bf16 encoders and DiT (fp32 islands) with an fp32 VAE.")
 @click.option("--graph-precision", "graph_precision", multiple=True, metavar="GRAPH=DTYPE",
               help="Override one graph's dtype (fp32, bf16, fp16), e.g. text_encoder=fp16. Repeatable.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="Fuse a LoRA into the DiT (fixed deployments, e.g. Triton). Repeatable; recorded in the manifest.")
 def export_cmd(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: bool, precision: str,
-               graph_precision: tuple[str, ...]) -> None:
+               graph_precision: tuple[str, ...], loras: tuple[str, ...] = ()) -> None:
     """Export MODEL_DIR (a diffusers AceStepPipeline checkpoint) to ARTIFACTS_DIR."""
     from acestep_trt.export.checkpoint import inspect_checkpoint
     from acestep_trt.export.precision import parse_overrides, plan
@@ -65,7 +67,8 @@ def export_cmd(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: 
     overrides = parse_overrides(graph_precision)
     plan(precision, overrides)  # refuse a bad recipe before importing torch
     inspect_checkpoint(model_dir)  # refuse a wrong directory before importing torch
-    report = _export(model_dir, artifacts_dir, validate, overwrite, precision, overrides)
+    fused = _lora_options(loras)
+    report = _export(model_dir, artifacts_dir, validate, overwrite, precision, overrides, fused)
     if report.comparisons:
         from acestep_trt.export.validate import TABLE_HEADER
 
@@ -76,8 +79,20 @@ def export_cmd(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: 
     click.echo(f"artifacts written to {artifacts_dir} ({stages})")
 
 
+def _lora_options(items: tuple[str, ...]) -> list[tuple[str, float]]:
+    """``--lora PATH[:SCALE]`` values -> [(path, scale)]; a missing path is refused before any work."""
+    from acestep_trt.runtime.errors import InputError
+    from acestep_trt.runtime.lora import parse_lora_option
+
+    out = [parse_lora_option(item) for item in items]
+    for path, _ in out:
+        if not Path(path).exists():
+            raise InputError(f"--lora {path}: no such file or directory.", "pass a LoRA file or directory.")
+    return out
+
+
 def _export(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: bool, precision: str = "fp32",
-            overrides: dict[str, str] | None = None):
+            overrides: dict[str, str] | None = None, loras: list | None = None):
     import warnings
 
     from acestep_trt.export.exporter import export_artifacts
@@ -85,7 +100,7 @@ def _export(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: boo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return export_artifacts(model_dir, artifacts_dir, validate=validate, overwrite=overwrite,
-                                precision=precision, graph_precision=overrides)
+                                precision=precision, graph_precision=overrides, loras=loras)
 
 
 def _read_lyrics(lyrics: str | None, lyrics_file: Path | None) -> str:
@@ -140,9 +155,11 @@ def _read_latents(path: Path | None):
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--emulate-precision", is_flag=True,
               help="Run bf16/fp16 graphs on the CPU as fp32 arithmetic rounded to their dtype (slow; for checks).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="Apply a LoRA adapter at weight SCALE (default 1). Repeatable: adapters mix as set_adapters.")
 def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
                  latents_file, language, bpm, keyscale, timesignature, backend, device, engine_dir, out_path,
-                 overwrite, emulate_precision):
+                 overwrite, emulate_precision, loras=()):
     """Generate music from ARTIFACTS_DIR and write it to --out."""
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.audio import check_output_path, write_audio
@@ -153,9 +170,13 @@ def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, sh
     latents = _read_latents(latents_file)
     check_prompts(prompt)
     check_arguments(duration, steps, shift, guidance_scale)
+    adapters = _lora_options(loras)
     started = time.perf_counter()
     rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device, engine_dir=engine_dir,
                              emulate_precision=emulate_precision)
+    if adapters:  # each adapter under its own name, then mixed with the given weights (diffusers' set_adapters)
+        names = [rt.load_lora_weights(path, adapter_name=f"lora{i}") for i, (path, _) in enumerate(adapters)]
+        rt.set_adapters(names, [scale for _, scale in adapters])
     load_s = time.perf_counter() - started
     out = rt(prompt=prompt, lyrics=lyrics_text, audio_duration=duration, vocal_language=language,
              num_inference_steps=steps, guidance_scale=guidance_scale, shift=shift, seed=seed, latents=latents,
@@ -264,9 +285,10 @@ def compare_cmd(reference_dir, candidate_dir, duration, steps, seeds, backend, d
 @click.option("--force", is_flag=True, help="Rebuild every engine even if it is up to date.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare every engine with ONNX Runtime (CPU) at the profile's opt shapes.")
+@click.option("--refit", is_flag=True, help="Make the DiT engine refittable, for LoRA adapters at generate time.")
 def build_cmd(artifacts_dir, out_dir, min_duration, opt_duration, max_duration, max_batch, max_text_len,
               max_lyric_len, vae_window, precision, version_compatible, timing_cache, workspace_gib, force,
-              validate):
+              validate, refit=False):
     """Build TensorRT engines for ARTIFACTS_DIR (needs TensorRT and an NVIDIA GPU)."""
     from acestep_trt.runtime.trt.builder import build_engines
     from acestep_trt.runtime.trt.profiles import ProfileRequest
@@ -276,7 +298,7 @@ def build_cmd(artifacts_dir, out_dir, min_duration, opt_duration, max_duration, 
                              max_lyric_len=max_lyric_len, vae_window=vae_window)
     started = time.perf_counter()
     manifest = build_engines(artifacts_dir, out_dir, request, precision, version_compatible, timing_cache,
-                             workspace_gib, force)
+                             workspace_gib, force, refit=refit)
     click.echo(f"engines written to {manifest.root} (TensorRT {manifest.tensorrt_version}, compute capability "
                f"{manifest.compute_capability}, {time.perf_counter() - started:.1f} s)")
     for name, record in manifest.data["graphs"].items():

@@ -212,11 +212,13 @@ def export_artifacts(
     progress: bool = True,
     precision: str = "fp32",
     graph_precision: dict[str, str] | None = None,
+    loras: list[tuple[str, float]] | None = None,
 ) -> ExportReport:
     """Export every graph of ``model_dir`` into ``out_dir``; see the module docstring.
 
     ``precision`` names a recipe of :mod:`acestep_trt.export.precision` (``fp32``, ``bf16``);
     ``graph_precision`` overrides single graphs, e.g. ``{"text_encoder": "fp16"}``.
+    ``loras``: [(LoRA path, scale)] fused into the DiT before tracing (``export/weight_map.fuse_loras``).
     """
     from tqdm.auto import tqdm
 
@@ -234,7 +236,7 @@ def export_artifacts(
             for name in GRAPH_NAMES:
                 bar.set_postfix_str(name)
                 started = time.perf_counter()
-                _export_one(model_dir, staging, name, specs[name], plan, validate, report, extra)
+                _export_one(model_dir, staging, name, specs[name], plan, validate, report, extra, loras or [])
                 report.seconds[name] = time.perf_counter() - started
                 bar.update()
             bar.set_postfix_str("constants")
@@ -258,7 +260,7 @@ def _apply_umask(root: Path) -> None:
         path.chmod(art.default_mode(path.is_dir()))
 
 
-def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -> None:
+def _export_one(model_dir, staging, name, spec, plan, validate, report, extra, loras=()) -> None:
     """Trace in a child process, then validate here once the child (and the PyTorch weights) are gone.
 
     torch's ONNX exporter keeps references to the traced module's parameters after export (module-level
@@ -273,7 +275,8 @@ def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -
     (staging / WORK_DIR).mkdir(exist_ok=True)
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
         dtype = plan.graphs[name]
-        result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate, dtype).result()
+        result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate, dtype,
+                              list(loras)).result()
     extra.update(result["scalars"])
     extra.update({key: np.load(path, mmap_mode="r") for key, path in result["arrays"].items()})  # read when written
     if validate:
@@ -286,7 +289,7 @@ def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -
         val.raise_on_failure(rows)
 
 
-def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dtype: str) -> dict:
+def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dtype: str, loras=()) -> dict:
     """Child process: load one component, trace it in ``dtype``, save fp32 reference outputs and constants.
 
     References and constants come from the fp32 module, before it is cast for a reduced-precision trace.
@@ -301,6 +304,10 @@ def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dty
     recipe, spec = _recipes()[name], all_specs(cfg)[name]
     module = load_component(model_dir, recipe.component)
     result: dict = {"cases": None, "arrays": {}, "scalars": {}}
+    if name == DIT_STEP and loras:  # fused before the references, so validation compares like with like
+        from .weight_map import fuse_loras
+
+        result["scalars"]["fused_lora"] = fuse_loras(module, loras)
     if validate:
         result["cases"] = str(work / f"{name}.cases.pkl")
         with open(result["cases"], "wb") as fh:
@@ -308,6 +315,10 @@ def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dty
     extra: dict = {}
     _collect_constants(name, module, cfg, extra)
     trace_to_onnx(prec.prepare(name, recipe.adapter(module), dtype), spec, cfg, staging_path / f"{name}.onnx")
+    if name == DIT_STEP:  # LoRA at generate time needs each weight's initializer (prepare cast it in place)
+        from .weight_map import build_map
+
+        result["scalars"]["dit_parameters"] = build_map(module, staging_path / f"{name}.onnx")
     for key, value in extra.items():
         if isinstance(value, np.ndarray):
             result["arrays"][key] = str(work / f"{key}.npy")
@@ -353,6 +364,8 @@ def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
     for name, spec in specs.items():
         graphs[name] = {"onnx": f"{name}.onnx", "opset": OPSET, "precision": report.precision.graphs[name],
                         "spec": spec.to_dict()}
+    graphs[DIT_STEP]["parameters"] = extra["dit_parameters"]  # export/weight_map.py
+    graphs[DIT_STEP]["fused_lora"] = extra.get("fused_lora", [])
     manifest = {
         "format_version": art.FORMAT_VERSION,
         "toolkit_version": acestep_trt.__version__,

@@ -149,6 +149,29 @@ class AceStepRuntime:
     def sample_rate(self) -> int:
         return self.config.sample_rate
 
+    # ------------------------------------------------------------------ LoRA (diffusers' names; runtime/lora.py)
+
+    def _lora(self):
+        if getattr(self, "_lora_controller", None) is None:
+            from .lora import LoraController
+
+            self._lora_controller = LoraController(self.artifacts.root, self.artifacts.graph_path(DIT_STEP),
+                                                   self.artifacts.manifest, self.runners[DIT_STEP])
+        return self._lora_controller
+
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> str:
+        """Load a LoRA (diffusers file, PEFT directory or ComfyUI file) into the DiT; returns its adapter name."""
+        return self._lora().load(path, adapter_name)
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
+        """Activate loaded adapters with weights (diffusers' ``set_adapters``)."""
+        self._lora().set_adapters(adapter_names, adapter_weights)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the DiT runs its exported weights again."""
+        if getattr(self, "_lora_controller", None) is not None:
+            self._lora_controller.unload()
+
     # ------------------------------------------------------------------ stages
 
     def encode_prompt(self, prompts, lyrics, languages, audio_duration, instruction, bpm, keyscale, timesignature,
@@ -274,6 +297,7 @@ class AceStepRuntime:
         cfg_interval_end: float = 1.0,
         timesteps: Sequence[float] | None = None,
         show_progress: bool | None = None,
+        attention_kwargs: dict | None = None,
     ) -> AceStepOutput:
         """Generate audio; see ``AceStepPipeline.__call__`` for the meaning of each argument.
 
@@ -290,12 +314,17 @@ class AceStepRuntime:
         audio_duration = 60.0 if audio_duration is None else audio_duration
         check_arguments(audio_duration, num_inference_steps, shift, guidance_scale, task_type, output_type,
                         cfg_interval_start, cfg_interval_end, timesteps)
+        from .lora import lora_scale
+
+        scale = lora_scale(attention_kwargs)  # the LoRA scale of this call (diffusers' apply_lora_scale)
         frames = self.config.latent_length(audio_duration)
         noise, seeds = self._initial_latents(latents, seed, batch, frames)  # refuse bad latents before any work
         self._check_engine_limits(batch, frames, guidance_scale > 1.0 and not self.config.is_turbo)
         if instruction is None:
             instruction = TEXT2MUSIC_INSTRUCTION
         timings: dict[str, float] = {}
+        if getattr(self, "_lora_controller", None) is not None:
+            self._lora_controller.sync(scale)
 
         started = time.perf_counter()
         text_h, text_m, lyric_h, lyric_m = self.encode_prompt(

@@ -134,6 +134,7 @@ class BuilderFlag(enum.IntEnum):
     TF32 = 1
     VERSION_COMPATIBLE = 2
     EXCLUDE_LEAN_RUNTIME = 3
+    REFIT = 4
 
 
 class MemoryPoolType(enum.IntEnum):
@@ -148,6 +149,7 @@ class DataType(enum.Enum):
     BOOL = "bool"
     INT8 = "int8"
     UINT8 = "uint8"
+    BF16 = "bfloat16"  # weights only (refit); engine I/O stays fp32
 
 
 class TensorIOMode(enum.Enum):
@@ -368,6 +370,11 @@ class Engine:
         self.io = [(n, TensorIOMode.INPUT, DataType[d], s) for n, d, s in plan["inputs"]] + \
                   [(n, TensorIOMode.OUTPUT, DataType[d], s) for n, d, s in plan["outputs"]]
         self._session = None
+        self.refitted: dict[str, np.ndarray] = {}  # initializer -> value set by a Refitter
+
+    @property
+    def refittable(self):
+        return "REFIT" in self.plan["flags"]
 
     @property
     def num_io_tensors(self):
@@ -392,7 +399,13 @@ class Engine:
         if self._session is None:
             import onnxruntime as ort
 
-            self._session = ort.InferenceSession(self.plan["onnx"], providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            if self.refitted:  # refitted weights replace the ONNX initializers, as on the GPU
+                options.add_external_initializers(
+                    list(self.refitted),
+                    [ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v, 16) if v.dtype == np.uint16
+                     else ort.OrtValue.ortvalue_from_numpy(v) for v in self.refitted.values()])
+            self._session = ort.InferenceSession(self.plan["onnx"], options, providers=["CPUExecutionProvider"])
         return self._session
 
     def create_execution_context(self):
@@ -457,6 +470,54 @@ class Context:
         return True
 
 
+class Weights:
+    """``trt.Weights(type, ptr, count)``: a view of host memory (read when the refit runs)."""
+
+    def __init__(self, dtype, ptr, count):
+        self.dtype, self.ptr, self.count = dtype, int(ptr), int(count)
+
+
+_WEIGHT_TYPES = {1: DataType.FLOAT, 10: DataType.HALF, 16: DataType.BF16}
+_NUMPY_WEIGHTS = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.BF16: np.uint16}
+
+
+class Refitter:
+    """``trt.Refitter``: refittable weights are the ONNX graph's float initializers (the parser names
+    weights after them); set values must match each initializer's element count and type."""
+
+    def __init__(self, engine, logger):
+        import onnx
+
+        FakeTrt.current.calls.append(("Refitter", engine.plan["onnx"]))
+        self.engine, self.pending = engine, {}
+        model = onnx.load(engine.plan["onnx"], load_external_data=False)
+        self.weights = {i.name: (tuple(i.dims), _WEIGHT_TYPES[i.data_type]) for i in model.graph.initializer
+                        if i.data_type in _WEIGHT_TYPES} if engine.refittable else {}
+
+    def get_all_weights(self):
+        return list(self.weights)
+
+    def set_named_weights(self, name, weights):
+        if name not in self.weights:
+            return False
+        dims, dtype = self.weights[name]
+        if weights.dtype != dtype or weights.count != int(np.prod(dims, dtype=np.int64)):
+            return False
+        kind = _NUMPY_WEIGHTS[dtype]
+        raw = (ctypes.c_char * (weights.count * np.dtype(kind).itemsize)).from_address(weights.ptr)
+        self.pending[name] = np.frombuffer(raw, dtype=kind).reshape(dims).copy()
+        return True
+
+    def get_missing_weights(self):
+        return []
+
+    def refit_cuda_engine(self):
+        FakeTrt.current.calls.append(("refit_cuda_engine", sorted(self.pending)))
+        self.engine.refitted.update(self.pending)
+        self.engine._session = None  # the next execution runs with the new weights
+        return True
+
+
 class FakeTrt(types.ModuleType):
     """The ``tensorrt`` module. ``FakeTrt.current`` is the installed instance (for the classes above)."""
 
@@ -469,7 +530,7 @@ class FakeTrt(types.ModuleType):
         self.calls: list[tuple] = []
         self.builds: list[tuple] = []
         for obj in (NetworkDefinitionCreationFlag, BuilderFlag, MemoryPoolType, DataType, TensorIOMode,
-                    ElementWiseOperation, Logger, Builder, OnnxParser, Runtime):
+                    ElementWiseOperation, Logger, Builder, OnnxParser, Runtime, Refitter, Weights):
             setattr(self, obj.__name__, obj)
 
     def count(self, name: str) -> int:

@@ -78,20 +78,12 @@ class OrtGraph:
 
     def __init__(self, path: Path, spec: GraphSpec, device: str = "cpu", threads: int | None = None,
                  precision: str = "fp32", emulate: bool = False):
-        ort = _import_ort()
         check_device(device)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        providers = [_PROVIDER[device]] + (["CPUExecutionProvider"] if device != "cpu" else [])
-        if _check_precision(spec.name, precision, device, emulate):
-            from ..precision import emulated_copy
-
-            with tempfile.TemporaryDirectory(prefix="acestep-emulated-") as work:
-                self.session = _session(emulated_copy(path, Path(work)), options, providers)
-        else:
-            self.session = _session(path, options, providers)
+        self._path, self._threads, self._precision = path, threads, precision
+        self._providers = [_PROVIDER[device]] + (["CPUExecutionProvider"] if device != "cpu" else [])
+        self._emulated = _check_precision(spec.name, precision, device, emulate)
+        self._overrides: dict[str, np.ndarray] = {}  # initializer replacements (LoRA), kept alive for the session
+        self.session = self._open({})
         self.providers = self.session.get_providers()
         if self.providers[0] != _PROVIDER[device]:
             raise BackendError(
@@ -102,6 +94,41 @@ class OrtGraph:
         self.spec = spec
         self._outputs = [o.name for o in spec.outputs]
         self.device = device
+
+    def _open(self, overrides: dict[str, np.ndarray]):
+        """A session on the graph file, with ``overrides`` {initializer: array} replacing stored initializers."""
+        ort = _import_ort()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        if overrides:
+            names, self._pinned = _ort_initializers(ort, overrides, self._emulated)  # must outlive the session
+            options.add_external_initializers(names, self._pinned)
+        if not self._emulated:
+            return _session(self._path, options, self._providers)
+        from ..precision import emulated_copy
+
+        with tempfile.TemporaryDirectory(prefix="acestep-emulated-") as work:
+            return _session(emulated_copy(self._path, Path(work)), options, self._providers)
+
+    def set_weights(self, values: dict[str, np.ndarray], original: bool = False) -> None:
+        """Replace initializers {name: array in the initializer's layout and dtype (bf16 as uint16 bits)}.
+
+        The ONNX files stay untouched: the session is created again with the arrays handed to ONNX Runtime
+        (``SessionOptions.add_external_initializers``), which then reads only the other initializers from the
+        graph's data file. ``original`` drops every replacement (back to the file's weights). The old session
+        is released first, so the graph never sits in memory twice; if the new one fails, the old is restored.
+        """
+        previous = self._overrides
+        self.session = None
+        try:
+            overrides = {} if original else {**previous, **values}
+            self.session = self._open(overrides)
+            self._overrides = overrides
+        except Exception:
+            self.session = self._open(previous)
+            raise
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.spec.check_feeds(feeds)
@@ -128,6 +155,25 @@ class OrtGraph:
         for name in self._outputs:
             binding.bind_ortvalue_output(name, outputs[name])
         self.session.run_with_iobinding(binding)
+
+
+def _ort_initializers(ort, values: dict[str, np.ndarray], emulated: bool) -> tuple[list[str], list]:
+    """(names, OrtValues) for ``add_external_initializers``; bf16 arrays are uint16 bits (ONNX type 16).
+
+    In an emulated graph (``precision.emulate``) reduced-precision initializers carry a suffix.
+    """
+    from ..precision import _ROUND_SUFFIX
+
+    names, ortvalues = [], []
+    for name, array in values.items():
+        array = np.ascontiguousarray(array)
+        reduced = array.dtype in (np.uint16, np.float16)
+        names.append(name + _ROUND_SUFFIX if emulated and reduced else name)
+        if array.dtype == np.uint16:
+            ortvalues.append(ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, 16))
+        else:
+            ortvalues.append(ort.OrtValue.ortvalue_from_numpy(array))
+    return names, ortvalues
 
 
 def checking_graph(path: Path, spec: GraphSpec, precision: str) -> OrtGraph:

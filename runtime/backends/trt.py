@@ -203,6 +203,15 @@ class TrtDitGraph(TrtGraph):
         self._loop: dict[tuple, DeviceBuffer] = {}  # latents shape -> second latent buffer (ping-pong)
         self._tables: dict[tuple, tuple[DeviceBuffer, DeviceBuffer]] = {}  # (steps, slot) -> timesteps, dts
 
+    def set_weights(self, values: dict[str, np.ndarray], original: bool = False) -> None:
+        """Refit the engine's weights {initializer: array} in place (LoRA; needs `build --refit`).
+
+        ``original``: ``values`` are the exported weights being restored (refit writes them like any other).
+        """
+        from ..trt.refit import refit
+
+        refit(self.trt, self.engine, values)
+
     def denoise(self, latents: np.ndarray, condition: np.ndarray, context: np.ndarray, timesteps: np.ndarray,
                 sigmas: np.ndarray) -> np.ndarray:
         """Euler loop without guidance; mirrors ``AceStepRuntime.denoise_host``.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..artifacts import Artifacts, load_artifacts, read_manifest, sha256_file
 from ..errors import ArtifactError, BackendError, InputError
-from ..specs import GRAPH_NAMES, GraphSpec
+from ..specs import DIT_STEP, GRAPH_NAMES, GraphSpec
 from .libs import GpuInfo, gpu_info, import_tensorrt
 from .manifest import (ENGINE_FORMAT_VERSION, ENGINE_MANIFEST, TIMING_CACHE, EngineManifest, default_engine_dir,
                        onnx_records, read_engine_manifest)
@@ -43,8 +43,12 @@ def build_engines(
     timing_cache: str | Path | None = None,
     workspace_gib: float | None = None,
     force: bool = False,
+    refit: bool = False,
 ) -> EngineManifest:
     """Build (or keep, when up to date) every engine for ``artifacts_dir`` into ``out_dir``.
+
+    ``refit`` builds the ``dit_step`` engine refittable (``BuilderFlag.REFIT``), so LoRA adapters can replace
+    its weights in place (``runtime/lora.py``); recorded as ``"refit": true`` in its engines.json record.
 
     Raises :class:`BackendError` without TensorRT or a GPU, :class:`ArtifactError` for unusable ONNX files.
     """
@@ -65,6 +69,8 @@ def build_engines(
     graphs = {}
     for name in GRAPH_NAMES:
         record = _record(artifacts, name, profiles[name])
+        if refit and name == DIT_STEP:  # part of the record: a refit request rebuilds a plain engine
+            record["refit"] = True
         old = (previous or {}).get(name)
         if old is not None and _reusable(out, old, record):
             log.info("%s: engine up to date, kept (%s)", name, old["engine"])
@@ -166,6 +172,8 @@ class _Session:
         keep = _parse_onnx(self.trt, network, self.logger, artifacts.graph_path(name))
         _check_io(network, spec)
         config = self.config(precision, version_compatible)
+        if record.get("refit"):
+            config.set_flag(self.trt.BuilderFlag.REFIT)
         config.add_optimization_profile(_optimization_profile(self.builder, GraphProfile.from_dict(
             name, record["profile"])))
         log.info("%s: building engine...", name)
