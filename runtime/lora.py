@@ -1,30 +1,22 @@
 """LoRA adapters for the DiT at generate time, in NumPy: read, check, merge; the backend swaps the weights.
 
-What diffusers 0.42.1 does (``AceStepLoraLoaderMixin`` + peft 0.21, measured with a tiny checkpoint;
-``tests/test_lora.py`` checks our audio against it), and what we do:
+Keys, alpha and scaling follow diffusers 0.42.1 (``AceStepLoraLoaderMixin.lora_state_dict``,
+``_convert_non_diffusers_ace_step_lora_to_diffusers`` and peft 0.21's ``LoraLayer``), measured with a tiny
+checkpoint (README, "LoRA adapters", has the table; ``tests/test_lora.py`` compares the audio):
 
-===========================================  =====================================  ==============================
-format (keys)                                diffusers 0.42.1                       here
-===========================================  =====================================  ==============================
-diffusers ``pytorch_lora_weights.safetensors``  loads; alpha from the header's         same
-(``transformer.layers.N.self_attn.to_q.``     ``lora_adapter_metadata`` when
-``lora_A.weight``)                            present, else alpha = r (scale 1)
-official trainer PEFT dir (``adapter_config``  loads (``q_proj`` -> ``to_q``, ...,     same, and a warning when
-``.json`` + ``adapter_model.safetensors``,    ``o_proj`` -> ``to_out.0``) but never  the config's alpha differs
-``base_model.model.layers.N.self_attn.``      reads ``adapter_config.json``: alpha   from r (pass that ratio as
-``q_proj.lora_A.weight``)                     = r, scale 1, not the trainer's        an adapter weight to get the
-                                              ``lora_alpha / r`` (2 for alpha 2r)    trainer's scaling)
-ComfyUI single file (``diffusion_model.``     refused (no module matches /           loads with ComfyUI's rule:
-prefix, ``lora_down``/``lora_up``,            IndexError / "param names must         scale = alpha / r, 1 when
-per-module ``.alpha``)                        contain 'lora'")                       ``.alpha`` is absent
-diffusers names without ``transformer.``      silently ignored (a warning, plain     loads (the names are
-                                              output)                                unambiguous)
-DoRA, LoKr, LoRA biases                       partly supported                       refused with a message
-===========================================  =====================================  ==============================
+- diffusers files (``transformer.layers.N.self_attn.to_q.lora_A.weight``): alpha from the header's
+  ``lora_adapter_metadata`` (peft ``LoraConfig``: ``lora_alpha``, ``alpha_pattern``, ``use_rslora``) when
+  present, else alpha = r (scale 1), as ``_create_lora_config`` without metadata.
+- the official trainer's PEFT directory (``base_model.model.layers.N.self_attn.q_proj.lora_A.weight``):
+  renamed like diffusers (``q_proj`` -> ``to_q``, ..., ``o_proj`` -> ``to_out.0``); diffusers never reads
+  ``adapter_config.json``, so alpha = r here too, with a warning when the trainer's alpha differs.
+- ComfyUI single files (``diffusion_model.`` prefix, ``lora_down``/``lora_up``, per-module ``.alpha``),
+  which diffusers 0.42.1 refuses for ACE-Step: ComfyUI's rule, scale = alpha / r (1 without ``.alpha``).
 
-Every adapter contributes ``W += scale * weight * (alpha / r) * B @ A`` (``peft`` ``LoraLayer`` scaling,
-times the ``set_adapters`` weight, times ``attention_kwargs["scale"]``, as ``scale_lora_layers``).
-A LoRA may target any Linear of the DiT that the manifest's parameter map lists (``export/weight_map.py``).
+Every active adapter contributes ``W += scale * weight * (alpha / r) * B @ A`` (peft's scaling, times the
+``set_adapters`` weight, times ``attention_kwargs["scale"]`` as ``scale_lora_layers``), merged in float32
+and stored in the initializer's dtype. Any Linear of the DiT that the manifest's parameter map lists
+(``export/weight_map.py``) may be targeted.
 """
 
 from __future__ import annotations
@@ -392,12 +384,18 @@ class LoraState:
                 layer = self.adapters[name].layers.get(param)
                 if layer is not None and weight * scale != 0.0:
                     d = delta(layer, weight * scale, record["transposed"])
-                    value = d if value is None else value + d
+                    if value is None:
+                        value = d
+                    else:
+                        value += d
             if value is None:
                 out[record["initializer"]] = self.base[param]
+            elif record["dtype"] == "fp32":
+                value += self.base[param]  # in place: one new array per weight, no temporaries
+                out[record["initializer"]] = value
             else:
-                out[record["initializer"]] = from_f32(to_f32(self.base[param], record["dtype"]) + value,
-                                                      record["dtype"])
+                value += to_f32(self.base[param], record["dtype"])
+                out[record["initializer"]] = from_f32(value, record["dtype"])
         return out
 
     def base_values(self) -> dict[str, np.ndarray]:

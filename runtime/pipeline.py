@@ -304,6 +304,7 @@ class AceStepRuntime:
         ``seed`` replaces diffusers' torch ``generator``: noise is drawn with NumPy's PCG64
         (``np.random.default_rng(seed).standard_normal``), one generator per item when a list is given.
         It does not reproduce torch's random stream; pass ``latents`` [B, T, 64] for bit-compatible noise.
+        ``attention_kwargs={"scale": s}`` scales the loaded LoRA adapters for this call, as in diffusers.
         """
         from tqdm.auto import tqdm
 

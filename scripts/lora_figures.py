@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,8 +45,12 @@ def _model_config(cfg):
                        audio_channels=2, is_turbo=True, silence_frames=15000)
 
 
-def export_dit(size: str, out: str) -> dict:
-    """Child process: a random DiT of ``size`` geometry -> ``out/dit_step.onnx`` + its parameter map."""
+def export_dit(size: str, out: str, reuse: bool = False) -> dict:
+    """Child process: a random DiT of ``size`` geometry -> ``out/dit_step.onnx`` + its parameter map.
+
+    ``reuse``: keep an existing ``dit_step.onnx`` (from an earlier run: same seed, so the same weights) and
+    only map it again (exact bytes: a graph of other weights fails the map).
+    """
     import warnings
 
     import torch
@@ -66,7 +71,8 @@ def export_dit(size: str, out: str) -> dict:
     path = Path(out) / "dit_step.onnx"
     mcfg = _model_config(cfg)
     started = time.perf_counter()
-    trace_to_onnx(DitStepAdapter(dit), all_specs(mcfg)["dit_step"], mcfg, path)
+    if not (reuse and path.is_file()):
+        trace_to_onnx(DitStepAdapter(dit), all_specs(mcfg)["dit_step"], mcfg, path)
     traced = time.perf_counter() - started
     parameters = build_map(dit, path)
     return {"parameters": parameters, "trace_s": traced, "map_s": time.perf_counter() - started - traced,
@@ -137,6 +143,9 @@ def measure(work: Path, parameters: dict, size: str, rank: int) -> dict:
     report["rss_session_gb"] = RssSampler.rss() / 1e9
     feeds = _feeds(cfg, 250)  # 10 s of latents
     plain = graph.run(feeds)["velocity"]
+    started = time.perf_counter()
+    graph.run(feeds)
+    report["dit_step_s_plain"] = round(time.perf_counter() - started, 2)  # 10 s clip, one step
     controller = LoraController(work, work / "dit_step.onnx", {"graphs": {"dit_step": {"parameters": parameters}}},
                                 graph)
     steps = [("load_first", lambda: controller.load(lora_a, "a")),
@@ -159,6 +168,19 @@ def measure(work: Path, parameters: dict, size: str, rank: int) -> dict:
     for name, _ in steps:
         report[name]["growth_over_targeted"] = round(report[name]["growth_bytes"] / targeted, 2)
     with_lora = graph.run(feeds)["velocity"]
+    started = time.perf_counter()  # the two parts of a switch, separately
+    values = controller.state.merged(0.8)
+    report["merge_s"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
+    graph.set_weights(values)
+    report["session_with_overrides_s"] = round(time.perf_counter() - started, 2)
+    del values
+    controller.applied = None  # the runner now holds another mix than the controller's
+    controller.sync(0.5)
+    report["load_average"] = [round(x, 1) for x in os.getloadavg()]  # other processes share these 2 cores
+    started = time.perf_counter()
+    graph.run(feeds)
+    report["dit_step_s_with_lora"] = round(time.perf_counter() - started, 2)
     report["velocity_changed_max_abs"] = float(np.max(np.abs(with_lora - plain)))
     controller.unload()
     report["unload_equals_plain"] = bool(np.array_equal(graph.run(feeds)["velocity"], plain))
@@ -179,13 +201,14 @@ def main() -> None:
     parser.add_argument("work_dir")
     parser.add_argument("--size", choices=["tiny", "mid", "full"], default="full")
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--reuse", action="store_true", help="keep WORK_DIR/dit_step.onnx from an earlier run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
-        exported = child.submit(export_dit, args.size, str(work)).result()
+        exported = child.submit(export_dit, args.size, str(work), args.reuse).result()
     log.info("exported dit_step (%d parameters) in %.1f s", exported["dit_params"], time.perf_counter() - started)
     report = {"size": args.size, "rank": args.rank, "dit_params": exported["dit_params"],
               "export_trace_s": round(exported["trace_s"], 1), "export_map_s": round(exported["map_s"], 1),

@@ -79,7 +79,7 @@ class OrtGraph:
     def __init__(self, path: Path, spec: GraphSpec, device: str = "cpu", threads: int | None = None,
                  precision: str = "fp32", emulate: bool = False):
         check_device(device)
-        self._path, self._threads, self._precision = path, threads, precision
+        self._path, self._threads = path, threads
         self._providers = [_PROVIDER[device]] + (["CPUExecutionProvider"] if device != "cpu" else [])
         self._emulated = _check_precision(spec.name, precision, device, emulate)
         self._overrides: dict[str, np.ndarray] = {}  # initializer replacements (LoRA), kept alive for the session
@@ -102,9 +102,15 @@ class OrtGraph:
         options.log_severity_level = 3
         if self._threads:
             options.intra_op_num_threads = self._threads
-        if overrides:
-            names, self._pinned = _ort_initializers(ort, overrides, self._emulated)  # must outlive the session
+        names, self._pinned = _ort_initializers(ort, overrides, self._emulated)  # must outlive the session
+        if names:
             options.add_external_initializers(names, self._pinned)
+            if self._providers[0] == _PROVIDER["cpu"]:
+                # Prepacking copies every MatMul weight into MLAS's packed layout at session creation: 16.5 s
+                # for the full-size DiT here, and the arrays handed over would stay allocated beside the packed
+                # copies. Without it the session is created in 1.9 s and computes from the arrays themselves,
+                # at some cost per step (README, LoRA adapters).
+                options.add_session_config_entry("session.disable_prepacking", "1")
         if not self._emulated:
             return _session(self._path, options, self._providers)
         from ..precision import emulated_copy
