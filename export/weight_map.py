@@ -21,7 +21,6 @@ initializer is stored inside the ``.onnx`` file), so the runtime reads only the 
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 from pathlib import Path
 
@@ -69,7 +68,9 @@ def _initializer_bytes(model, onnx_path: Path):
                     with open(onnx_path.parent / location, "rb") as fh:
                         maps[location] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
                 offset, length = int(info.get("offset", 0)), int(info["length"])
-                yield init, memoryview(maps[location])[offset:offset + length], location, offset, length
+                view = memoryview(maps[location])[offset:offset + length]
+                yield init, view, location, offset, length
+                view.release()  # the consumer dropped its arrays over it; the map can close at the end
             elif init.raw_data:
                 yield init, memoryview(init.raw_data), None, None, len(init.raw_data)
     finally:
@@ -77,35 +78,53 @@ def _initializer_bytes(model, onnx_path: Path):
             handle.close()
 
 
+_PREFIX = 64  # elements of a tensor's first stored row used as a lookup key before the exact comparison
+
+
+def _key(shape: tuple, first_row: np.ndarray) -> tuple:
+    return shape, np.ascontiguousarray(first_row[:_PREFIX]).tobytes()
+
+
 def build_map(transformer, onnx_path: Path) -> dict[str, dict]:
     """{parameter name: record} for every Linear weight of ``transformer`` (see the module docstring).
 
+    Each weight is looked up by shape and the bits of its first stored row in both layouts ([out, in], and
+    [in, out] whose first row is the weight's first column), then compared bit for bit with every candidate
+    initializer; no transposed copies and no digests of the gigabytes involved.
     Raises :class:`ExportValidationError` when a weight matches no initializer, or several.
     """
     import onnx
 
-    weights = linear_weights(transformer)
+    weights = {name: _bits(array) for name, array in linear_weights(transformer).items()}
     wanted: dict[tuple, list[tuple[str, bool]]] = {}
-    for name, array in weights.items():
-        for transposed in (False, True):
-            data = np.ascontiguousarray(array.T if transposed else array)
-            key = (data.shape, hashlib.sha256(data.data).digest())
-            wanted.setdefault(key, []).append((name, transposed))
+    for name, bits in weights.items():
+        wanted.setdefault(_key(bits.shape, bits[0]), []).append((name, False))
+        wanted.setdefault(_key(bits.shape[::-1], bits[:, 0]), []).append((name, True))
     model = onnx.load(str(onnx_path), load_external_data=False)
     found: dict[str, list[dict]] = {name: [] for name in weights}
     for init, raw, location, offset, length in _initializer_bytes(model, onnx_path):
         if len(init.dims) != 2 or init.data_type not in ONNX_DTYPES:
             continue
-        key = (tuple(init.dims), hashlib.sha256(raw).digest())
-        for name, transposed in wanted.get(key, ()):
-            data = weights[name].T if transposed else weights[name]
-            if bytes(raw) != np.ascontiguousarray(data).tobytes():  # exact bytes, not only the digest
-                continue
+        dims = tuple(init.dims)
+        kind = np.uint32 if ONNX_DTYPES[init.data_type] == "fp32" else np.uint16
+        if length != dims[0] * dims[1] * np.dtype(kind).itemsize:
+            continue
+        stored = np.frombuffer(raw, dtype=kind).reshape(dims)
+        for name, transposed in wanted.get(_key(dims, stored[0]), ()):
+            bits = weights[name]
+            if bits.dtype != stored.dtype or not np.array_equal(stored, bits.T if transposed else bits):
+                continue  # same first row, other tensor
             found[name].append({
                 "initializer": init.name, "transposed": transposed, "dtype": ONNX_DTYPES[init.data_type],
-                "shape": list(weights[name].shape), "location": location, "offset": offset, "length": length,
+                "shape": list(bits.shape), "location": location, "offset": offset, "length": length,
             })
+        del stored
     return _resolve(found)
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    """The raw bits of a weight as unsigned integers, so comparisons are exact (NaN, -0.0)."""
+    return array.view(np.uint32) if array.dtype == np.float32 else array.view(np.uint16)
 
 
 def _resolve(found: dict[str, list[dict]]) -> dict[str, dict]:
