@@ -27,9 +27,13 @@ class _Group(click.Group):
         except AceStepError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP (runtime/staging.py): cleanup has run
+            click.echo(f"interrupted{f' ({err})' if str(err) else ''}; nothing partial was left behind", err=True)
+            sys.exit(128 + getattr(err, "signum", 2))
+        except MemoryError:
+            click.echo("error: out of memory. Fix: generate a shorter clip or fewer prompts, or use a smaller "
+                       "--vae-window.", err=True)
+            sys.exit(6)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -43,7 +47,10 @@ def _setup_logging(verbose: bool) -> None:
 @click.version_option(package_name="acestep-trt")
 def main(verbose: bool) -> None:
     """Export ACE-Step 1.5 to ONNX and generate music without PyTorch."""
+    from acestep_trt.runtime.staging import install_signal_handlers
+
     _setup_logging(verbose)
+    install_signal_handlers()  # SIGTERM/SIGHUP clean up like Ctrl-C
 
 
 @main.command("export")
@@ -140,22 +147,32 @@ def _read_latents(path: Path | None):
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--emulate-precision", is_flag=True,
               help="Run bf16/fp16 graphs on the CPU as fp32 arithmetic rounded to their dtype (slow; for checks).")
-def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
+@click.option("--max-duration", type=float, default=None,
+              help="Allow clips longer than 600 s, up to this many seconds (the model's range ends at 600 s).")
+@click.option("--no-memory-check", is_flag=True, help="Skip the peak-memory estimate (runtime/limits.py).")
+@click.option("--vae-window", type=int, default=256, show_default=True,
+              help="Latent frames per VAE decoding window (smaller: less memory, a little slower).")
+@click.pass_context
+def generate_cmd(ctx, artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
                  latents_file, language, bpm, keyscale, timesignature, backend, device, engine_dir, out_path,
-                 overwrite, emulate_precision):
+                 overwrite, emulate_precision, max_duration, no_memory_check, vae_window):
     """Generate music from ARTIFACTS_DIR and write it to --out."""
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.audio import check_output_path, write_audio
+    from acestep_trt.runtime.limits import Limits
     from acestep_trt.runtime.pipeline import check_arguments, check_prompts
+    from acestep_trt.runtime.staging import TargetLock
 
     check_output_path(out_path, overwrite)
+    ctx.call_on_close(TargetLock(out_path, "writing").acquire().release)  # a second generate to --out is refused
+    limits = Limits(max_duration=max_duration or 600.0, check_memory=not no_memory_check)
     lyrics_text = _read_lyrics(lyrics, lyrics_file)
     latents = _read_latents(latents_file)
     check_prompts(prompt)
-    check_arguments(duration, steps, shift, guidance_scale)
+    check_arguments(duration, steps, shift, guidance_scale, limits=limits)  # runtime/limits.py, before loading
     started = time.perf_counter()
     rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device, engine_dir=engine_dir,
-                             emulate_precision=emulate_precision)
+                             emulate_precision=emulate_precision, limits=limits, vae_window=vae_window)
     load_s = time.perf_counter() - started
     out = rt(prompt=prompt, lyrics=lyrics_text, audio_duration=duration, vocal_language=language,
              num_inference_steps=steps, guidance_scale=guidance_scale, shift=shift, seed=seed, latents=latents,

@@ -13,7 +13,6 @@ import json
 import logging
 import pickle
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Callable
 import numpy as np
 
 from acestep_trt.runtime import artifacts as art
-from acestep_trt.runtime.errors import InputError
+from acestep_trt.runtime import staging as stg
+from acestep_trt.runtime.errors import BackendError, InputError
 from acestep_trt.runtime.specs import (
     CONDITION_ENCODER,
     DIT_STEP,
@@ -36,7 +36,7 @@ from acestep_trt.runtime.specs import (
 
 from . import precision as prec
 from . import validate as val
-from .checkpoint import inspect_checkpoint, load_component, scheduler_config
+from .checkpoint import inspect_checkpoint, load_component, memory_geometry, scheduler_config
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,8 @@ def export_artifacts(
     plan = prec.plan(precision, graph_precision)
     cfg = inspect_checkpoint(model_dir)
     _prepare_target(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    lock = stg.TargetLock(out_dir, "exporting into").acquire()  # a second export into out_dir is refused
+    staging = stg.make_staging(out_dir)  # marked with our pid; stale ones of killed exports are removed
     report = ExportReport(out_dir=out_dir, precision=plan)
     try:
         specs = all_specs(cfg)
@@ -243,12 +243,11 @@ def export_artifacts(
             bar.update()
         _write_manifest(model_dir, staging, cfg, specs, report, extra)
         _apply_umask(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        stg.publish(staging, out_dir)  # runtimes holding the old files keep them (runtime/staging.py)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        lock.release()
     return report
 
 
@@ -271,9 +270,20 @@ def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -
 
     log.info("exporting %s", name)
     (staging / WORK_DIR).mkdir(exist_ok=True)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+    from concurrent.futures.process import BrokenProcessPool
+
+    child = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
         dtype = plan.graphs[name]
         result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate, dtype).result()
+    except BrokenProcessPool:
+        raise BackendError(f"the process tracing {name} died (killed by a signal or out of memory).",
+                           "free memory (the full-size DiT needs about 7 GiB) and run the export again.") from None
+    except BaseException:  # Ctrl-C or SIGTERM: do not wait for the child to finish tracing
+        _stop_workers(child)
+        raise
+    finally:
+        child.shutdown(wait=True, cancel_futures=True)
     extra.update(result["scalars"])
     extra.update({key: np.load(path, mmap_mode="r") for key, path in result["arrays"].items()})  # read when written
     if validate:
@@ -284,6 +294,18 @@ def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -
         for row in rows:
             log.info("%s", row.row())
         val.raise_on_failure(rows)
+
+
+def _stop_workers(pool) -> None:
+    """Terminate a ProcessPoolExecutor's workers now (``terminate_workers`` exists from Python 3.14 on)."""
+    stop = getattr(pool, "terminate_workers", None)
+    if stop is not None:
+        stop()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.join(timeout=10)
 
 
 def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dtype: str) -> dict:
@@ -361,6 +383,7 @@ def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
         "model": cfg.to_dict(),
         "scheduler": scheduler_config(model_dir),
         "vae": {"receptive_field_frames": int(extra["vae_receptive_field"])},
+        "geometry": memory_geometry(model_dir),  # for the runtime's peak-memory estimate (runtime/limits.py)
         "precision": report.precision.to_dict(),
         "graphs": graphs,
         "validation": [r.to_dict() for r in report.comparisons],
