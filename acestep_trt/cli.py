@@ -372,13 +372,16 @@ def demo_cmd(out_dir: Path, duration: float, overwrite: bool) -> None:
 @click.option("--python-onnx-shim", is_flag=True,
               help="Also write python-backend stand-ins of the ONNX models (configs/python_onnx.pbtxt) for "
                    "servers without the onnxruntime backend; see docs/triton.md.")
+@click.option("--request-timeout", type=float, default=900.0, show_default=True,
+              help="Seconds a request may run in the orchestrator before it is stopped (0: no limit).")
 @click.option("--overwrite", is_flag=True, help="Replace REPOSITORY_DIR if it exists.")
-def triton_cmd(artifacts_dir, repository_dir, engines, instances, max_batch, python_onnx_shim, overwrite):
+def triton_cmd(artifacts_dir, repository_dir, engines, instances, max_batch, python_onnx_shim, request_timeout,
+               overwrite):
     """Write a Triton model repository for ARTIFACTS_DIR to REPOSITORY_DIR."""
     from acestep_trt.runtime.triton.repository import RepositoryOptions, write_repository
 
     options = RepositoryOptions(engines=engines, instances=instances, max_batch=max_batch,
-                                python_onnx_shim=python_onnx_shim)
+                                python_onnx_shim=python_onnx_shim, request_timeout=request_timeout)
     write_repository(artifacts_dir, repository_dir, options, overwrite=overwrite)
     kind = "tensorrt_plan" if engines else "onnxruntime_onnx"
     click.echo(f"wrote {repository_dir}: acestep (python, BLS) + 4 graph models ({kind})")

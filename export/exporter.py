@@ -370,7 +370,7 @@ def _write_side_files(model_dir: Path, staging: Path, extra: dict) -> None:
 def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
     import acestep_trt
 
-    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != stg.STAGING_MARKER)
     graphs = {}
     for name, spec in specs.items():
         graphs[name] = {"onnx": f"{name}.onnx", "opset": OPSET, "precision": report.precision.graphs[name],

@@ -15,6 +15,7 @@ unchanged and whose file still verifies is kept, not rebuilt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -34,6 +35,28 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "tf32")
 
 
+def _locked(build):
+    """One build per engine directory at a time (runtime/staging.py's TargetLock); leftover ``*.tmp`` files of a
+    killed build are removed first. Engine files themselves are written whole and renamed (``_write_atomic``)."""
+
+    @functools.wraps(build)
+    def locked(artifacts_dir, out_dir=None, *args, **kwargs):
+        from ..staging import TargetLock, process_alive
+
+        out = Path(out_dir) if out_dir is not None else default_engine_dir(artifacts_dir)
+        if not Path(artifacts_dir).is_dir():
+            return build(artifacts_dir, out_dir, *args, **kwargs)  # the usual "does not exist" error, no lock file
+        with TargetLock(out, "building engines into"):
+            for tmp in out.glob("*.tmp") if out.is_dir() else ():
+                pid = tmp.name.rsplit(".", 2)[-2]
+                if not pid.isdigit() or not process_alive(int(pid)):
+                    tmp.unlink(missing_ok=True)
+            return build(artifacts_dir, out_dir, *args, **kwargs)
+
+    return locked
+
+
+@_locked
 def build_engines(
     artifacts_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -221,6 +244,9 @@ def _optimization_profile(builder, profile: GraphProfile):
 
 def _write_atomic(path: Path, data) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:  # interrupted (Ctrl-C, SIGTERM) or failed: no partial engine file
+        tmp.unlink(missing_ok=True)
