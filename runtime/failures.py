@@ -17,7 +17,7 @@ from .errors import AceStepError, BackendError
 
 log = logging.getLogger(__name__)
 
-_MEMORY_WORDS = ("alloc", "out of memory", "memory", "bad_alloc", "cudaerrormemory", "oom")
+_MEMORY_WORDS = ("alloc", "out of memory", "bad_alloc", "cudaerrormemoryallocation", "oom")
 _MEMORY_FIX = ("the request did not fit in memory: generate a shorter clip, fewer prompts per call, or decode with a "
                "smaller VAE window (--vae-window / AceStepRuntime.load(vae_window=)); close other programs using "
                "the {where}.")
