@@ -165,7 +165,7 @@ def generate_cmd(ctx, artifacts_dir, prompt, lyrics, lyrics_file, duration, step
 
     check_output_path(out_path, overwrite)
     ctx.call_on_close(TargetLock(out_path, "writing").acquire().release)  # a second generate to --out is refused
-    limits = Limits(max_duration=max_duration or 600.0, check_memory=not no_memory_check)
+    limits = Limits(max_duration=600.0 if max_duration is None else max_duration, check_memory=not no_memory_check)
     lyrics_text = _read_lyrics(lyrics, lyrics_file)
     latents = _read_latents(latents_file)
     check_prompts(prompt)

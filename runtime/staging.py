@@ -48,7 +48,14 @@ def _raise_interrupted(signum, _frame):
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM and SIGHUP -> :class:`Interrupted` in the main thread (SIGINT already raises KeyboardInterrupt)."""
+    """SIGTERM and SIGHUP -> :class:`Interrupted` in the main thread (SIGINT already raises KeyboardInterrupt).
+
+    Does nothing outside the main thread (where Python cannot install handlers), e.g. a CLI driven from a thread.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             signal.signal(sig, _raise_interrupted)

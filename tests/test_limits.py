@@ -270,3 +270,75 @@ def test_tensorrt_enqueue_failure(tiny, tmp_path, monkeypatch):
     with pytest.raises(BackendError, match="TensorRT failed to run"):
         rt(prompt="piano", audio_duration=1.0, latents=lat)
     np.testing.assert_allclose(rt(prompt="piano", audio_duration=1.0, latents=lat).audios, expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- the CLI's bad inputs
+
+LONG_PROMPT = "x" * (lim.MAX_PROMPT_CHARS + 1)
+
+
+@pytest.mark.parametrize("extra, code, needle", [
+    (("--duration", "0"), 2, "audio_duration"),
+    (("--duration", "-3"), 2, "audio_duration"),
+    (("--duration", "nan"), 2, "audio_duration"),
+    (("--duration", "inf"), 2, "audio_duration"),
+    (("--duration", "601"), 2, "600 s limit"),
+    (("--duration", "100000"), 2, "--max-duration"),
+    (("--duration", "700", "--max-duration", "650"), 2, "650 s limit"),
+    (("--max-duration", "0"), 2, "max_duration"),
+    (("--max-duration", "nan"), 2, "max_duration"),
+    (("--steps", "0"), 2, "num_inference_steps"),
+    (("--steps", "1001"), 2, "more than 1000"),
+    (("--shift", "0"), 2, "shift"),
+    (("--shift", "-1"), 2, "shift"),
+    (("--guidance-scale", "-1"), 2, "guidance_scale"),
+    (("--guidance-scale", "nan"), 2, "guidance_scale"),
+    (("--seed", "-1"), 2, "seed"),
+    (("--bpm", "-5"), 2, "bpm"),
+    (("--bpm", "5000"), 2, "bpm"),
+    (("--prompt", ""), 2, "prompt"),
+    (("--prompt", LONG_PROMPT), 2, "characters"),
+    (("--lyrics", "la " * 25000), 2, "lyrics"),
+    (("--keyscale", "C" * 300), 2, "keyscale"),
+    (("--language", "e" * 300), 2, "vocal_language"),
+    (("--lyrics-file", "{tmp}/missing.txt"), 2, "missing.txt"),
+    (("--lyrics", "a", "--lyrics-file", "{tmp}/l.txt"), 2, "only one"),
+    (("--latents", "{tmp}/missing.npy"), 2, "missing.npy"),
+    (("--latents", "{tmp}/garbage.npy"), 2, ".npy array"),
+    (("--latents", "{tmp}/short.npy"), 2, "shape"),
+    (("--vae-window", "0"), 2, "vae_window"),
+    (("--out", "{tmp}/song.mp3"), 2, ".wav"),
+    (("--out", "{tmp}/nodir/song.wav"), 2, "does not exist"),
+    (("--out", "{tmp}/existing.wav"), 2, "--overwrite"),
+    (("--out", "{tmp}/locked.wav"), 2, "another acestep-trt process"),
+    (("--device", "cuda", "--backend", "ort"), 6, "cuda"),
+    (("--backend", "trt"), 6, "GPU only"),
+])
+def test_cli_bad_inputs(tiny, tmp_path, extra, code, needle):
+    """Each bad input: its exit code, one `error:` line with `Fix:`, no traceback, and no new file anywhere."""
+    from acestep_trt.runtime.staging import TargetLock
+
+    (tmp_path / "l.txt").write_text("la")
+    (tmp_path / "garbage.npy").write_bytes(b"not numpy")
+    np.save(tmp_path / "short.npy", np.zeros((1, 3, 64), np.float32))
+    (tmp_path / "existing.wav").write_bytes(b"precious")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["generate", str(tiny.artifacts), "--prompt", "piano", "--duration", "0.5",
+            "--out", str(tmp_path / "song.wav")] + [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    with TargetLock(tmp_path / "locked.wav", "writing"):  # another generate writing locked.wav
+        result = CliRunner().invoke(main, args)
+        assert_refused(result, code, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "existing.wav").read_bytes() == b"precious"
+
+
+def test_cli_memory_refusal(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(lim, "available_host_bytes", lambda: 1 << 20)
+    out = tmp_path / "x.wav"
+    result = CliRunner().invoke(main, ["generate", str(tiny.artifacts), "--prompt", "p", "--duration", "30",
+                                       "--out", str(out)])
+    assert_refused(result, 2, "needs about", "--vae-window", "--no-memory-check")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    ok = CliRunner().invoke(main, ["generate", str(tiny.artifacts), "--prompt", "p", "--duration", "0.5",
+                                   "--no-memory-check", "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
