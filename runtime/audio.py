@@ -41,7 +41,8 @@ def _publish(tmp: str, path: Path, overwrite: bool) -> None:
         os.link(tmp, path)
     except FileExistsError:
         raise InputError(f"{path} was created by another process while this one was generating; it was left as "
-                         "it is and this audio was not written.", "choose another --out, or pass --overwrite.") from None
+                         "it is and this audio was not written.",
+                         "choose another --out, or pass --overwrite.") from None
     except OSError:  # no hard links on this file system (some network and FAT mounts)
         if path.exists():
             raise InputError(f"{path} was created by another process while this one was generating.",

@@ -225,9 +225,9 @@ def test_sigterm_during_build_leaves_no_partial_engine(tiny, tmp_path):
     fake_trt.install(MonkeyPatch())
     import acestep_trt.runtime.trt.builder as builder
     """
-    proc = _slow_cli(["build", arts, "--no-validate", "--min-duration", "0.5", "--opt-duration", "1", "--max-duration", "4",
-                      "--max-lyric-len", "512"],
-                     "builder._write_atomic", setup)
+    argv = ["build", arts, "--no-validate", "--min-duration", "0.5", "--opt-duration", "1", "--max-duration", "4",
+            "--max-lyric-len", "512"]
+    proc = _slow_cli(argv, "builder._write_atomic", setup)
     _wait_for_line(proc, "writing")
     time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)

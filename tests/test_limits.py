@@ -141,7 +141,8 @@ def test_check_audio():
     for value, needle in cases:
         with pytest.raises(InputError, match=needle):
             lim.check_audio(value, "src_audio", rate)
-    assert lim.check_audio(np.zeros((2, rate * 601)), "x", rate, lim.Limits(max_audio_seconds=700)).shape[1] == rate * 601
+    raised = lim.Limits(max_audio_seconds=700)
+    assert lim.check_audio(np.zeros((2, rate * 601)), "x", rate, raised).shape[1] == rate * 601
 
 
 def test_memory_estimate_is_checked_once_per_size(runtime, monkeypatch):

@@ -291,8 +291,8 @@ def _server_rss(server) -> int:
 
 
 BAD_KINDS = [  # (inputs, what the error must say)
-    ([("prompt", "BYTES", np.array([b"piano"], dtype=object)), ("audio_duration", "FP32", np.array([-3.0], np.float32))],
-     "audio_duration"),
+    ([("prompt", "BYTES", np.array([b"piano"], dtype=object)),
+      ("audio_duration", "FP32", np.array([-3.0], np.float32))], "audio_duration"),
     ([("prompt", "BYTES", np.array([b"piano"], dtype=object)),
       ("audio_duration", "FP32", np.array([100000.0], np.float32))], "600 s limit"),
     ([("prompt", "BYTES", np.array([b"  "], dtype=object))], "prompt"),
