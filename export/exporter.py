@@ -37,6 +37,7 @@ from acestep_trt.runtime.specs import (
 from . import precision as prec
 from . import validate as val
 from .checkpoint import inspect_checkpoint, load_component, scheduler_config
+from .quantize import quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +272,13 @@ def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -
 
     log.info("exporting %s", name)
     (staging / WORK_DIR).mkdir(exist_ok=True)
+    dtype = plan.graphs[name]
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
-        dtype = plan.graphs[name]
-        result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate, dtype).result()
+        result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate,
+                              prec.trace_dtype(dtype)).result()
+    if dtype == "int8":  # in a child of its own: quantising holds the fp32 and int8 weights at once
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+            child.submit(quantize_int8, staging / f"{name}.onnx", name).result()
     extra.update(result["scalars"])
     extra.update({key: np.load(path, mmap_mode="r") for key, path in result["arrays"].items()})  # read when written
     if validate:
