@@ -59,10 +59,11 @@ def main(verbose: bool) -> None:
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare every graph with PyTorch in ONNX Runtime at off-trace shapes.")
 @click.option("--overwrite", is_flag=True, help="Replace ARTIFACTS_DIR if it exists.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Recipe: fp32 everywhere, or bf16 encoders and DiT (fp32 islands) with an fp32 VAE.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+              help="Recipe: fp32 everywhere; bf16 encoders and DiT (fp32 islands) with an fp32 VAE, for the GPU; "
+                   "or int8 matrix products in the encoders and DiT with an fp32 VAE, for the CPU.")
 @click.option("--graph-precision", "graph_precision", multiple=True, metavar="GRAPH=DTYPE",
-              help="Override one graph's dtype (fp32, bf16, fp16), e.g. text_encoder=fp16. Repeatable.")
+              help="Override one graph's dtype (fp32, bf16, fp16, int8), e.g. text_encoder=fp16. Repeatable.")
 def export_cmd(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: bool, precision: str,
                graph_precision: tuple[str, ...]) -> None:
     """Export MODEL_DIR (a diffusers AceStepPipeline checkpoint) to ARTIFACTS_DIR."""
@@ -193,16 +194,21 @@ def generate_cmd(ctx, artifacts_dir, prompt, lyrics, lyrics_file, duration, step
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--torch-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Precision of the diffusers side.")
+@click.option("--diffusers-dtype", "diffusers_dtypes", type=click.Choice(["fp32", "bf16", "fp16"]), multiple=True,
+              help="Precision of a diffusers side; repeatable. Default: fp32 and bf16 on cpu, bf16 on cuda.")
+@click.option("--torch-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, hidden=True,
+              help="Old name of --diffusers-dtype (one dtype).")
+@click.option("--separate-processes/--same-process", "separate", default=None,
+              help="Run each side in a process of its own, one after the other (default: only when the sides "
+                   "do not fit in memory together).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report.")
-def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, device, backend, torch_dtype,
-              json_out):
+def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, device, backend, diffusers_dtypes,
+              torch_dtype, separate, json_out):
     """Time this toolkit against diffusers' AceStepPipeline on MODEL_DIR, side by side."""
     import json
     import warnings
 
-    from acestep_trt.export.bench import BenchConfig, format_report, run_bench
+    from acestep_trt.export.bench import BenchConfig, default_diffusers_dtypes, format_report, run_bench
     from acestep_trt.export.checkpoint import inspect_checkpoint
     from acestep_trt.runtime.artifacts import read_manifest
     from acestep_trt.runtime.pipeline import check_arguments
@@ -213,8 +219,10 @@ def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, de
     for name, value in (("--batch", batch), ("--runs", runs)):
         if value < 1:
             raise InputError(f"{name} must be >= 1, got {value}.", f"pass {name} 1 or more.")
+    dtypes = tuple(dict.fromkeys(diffusers_dtypes + ((torch_dtype,) if torch_dtype else ())))
     cfg = BenchConfig(duration=duration, steps=steps, batch=batch, runs=runs, warmup=max(warmup, 0),
-                      device=device, backend=backend, torch_dtype=torch_dtype)
+                      device=device, backend=backend, separate=separate,
+                      diffusers_dtypes=dtypes or default_diffusers_dtypes(device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = run_bench(model_dir, artifacts_dir, cfg)

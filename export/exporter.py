@@ -22,7 +22,7 @@ import numpy as np
 
 from acestep_trt.runtime import artifacts as art
 from acestep_trt.runtime import staging as stg
-from acestep_trt.runtime.errors import BackendError, InputError
+from acestep_trt.runtime.errors import InputError
 from acestep_trt.runtime.specs import (
     CONDITION_ENCODER,
     DIT_STEP,
@@ -37,6 +37,8 @@ from acestep_trt.runtime.specs import (
 from . import precision as prec
 from . import validate as val
 from .checkpoint import inspect_checkpoint, load_component, memory_geometry, scheduler_config
+from .children import run_in_child
+from .quantize import quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -265,25 +267,13 @@ def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -
     alive next to the validation session: 17 GiB peak for the full-size DiT, too much for an XL model
     on a 24 GB machine. A spawned child per graph returns its memory to the system when it exits.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     log.info("exporting %s", name)
     (staging / WORK_DIR).mkdir(exist_ok=True)
-    from concurrent.futures.process import BrokenProcessPool
-
-    child = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        dtype = plan.graphs[name]
-        result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate, dtype).result()
-    except BrokenProcessPool:
-        raise BackendError(f"the process tracing {name} died (killed by a signal or out of memory).",
-                           "free memory (the full-size DiT needs about 7 GiB) and run the export again.") from None
-    except BaseException:  # Ctrl-C or SIGTERM: do not wait for the child to finish tracing
-        _stop_workers(child)
-        raise
-    finally:
-        child.shutdown(wait=True, cancel_futures=True)
+    dtype = plan.graphs[name]
+    result = run_in_child(f"tracing {name}", _trace_in_child, str(model_dir), str(staging), name, validate,
+                          prec.trace_dtype(dtype))
+    if dtype == "int8":  # in a child of its own: quantising holds the fp32 and int8 weights at once
+        run_in_child(f"quantising {name}", quantize_int8, staging / f"{name}.onnx", name)
     extra.update(result["scalars"])
     extra.update({key: np.load(path, mmap_mode="r") for key, path in result["arrays"].items()})  # read when written
     if validate:
@@ -294,18 +284,6 @@ def _export_one(model_dir, staging, name, spec, plan, validate, report, extra) -
         for row in rows:
             log.info("%s", row.row())
         val.raise_on_failure(rows)
-
-
-def _stop_workers(pool) -> None:
-    """Terminate a ProcessPoolExecutor's workers now (``terminate_workers`` exists from Python 3.14 on)."""
-    stop = getattr(pool, "terminate_workers", None)
-    if stop is not None:
-        stop()
-        return
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        process.terminate()
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        process.join(timeout=10)
 
 
 def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dtype: str) -> dict:

@@ -74,7 +74,7 @@ def build_engines(
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}.", f"use one of {', '.join(PRECISIONS)}; reduced "
                          "precision comes from the ONNX graph (TensorRT 11 networks are strongly typed).")
-    read_manifest(artifacts_dir)  # a wrong path fails first, and fast
+    _refuse_cpu_recipe(read_manifest(artifacts_dir))  # a wrong path or an int8 export fails first, and fast
     trt = import_tensorrt()  # then, without TensorRT, say what to install
     gpu = gpu_info()  # second: without a GPU, say so
     artifacts = load_artifacts(artifacts_dir)
@@ -101,6 +101,16 @@ def build_engines(
     log.debug("engines written to %s (TensorRT %s, %s, compute capability %s)", out, trt.__version__, gpu.name,
               gpu.compute_capability)  # the build command prints the summary
     return manifest
+
+
+def _refuse_cpu_recipe(manifest: dict) -> None:
+    """int8 exports (``export --precision int8``) are a CPU recipe: their ``MatMulInteger``/``DynamicQuantizeLinear``
+    products are ONNX Runtime's form of dynamic quantisation, not the Q/DQ form TensorRT builds int8 from."""
+    int8 = [name for name, graph in manifest.get("graphs", {}).items() if graph.get("precision") == "int8"]
+    if int8:
+        raise InputError(f"{', '.join(int8)} {'was' if len(int8) == 1 else 'were'} exported with the int8 CPU "
+                         "recipe, which TensorRT does not build.",
+                         "build engines from an fp32 or bf16 export (acestep-trt export --precision bf16).")
 
 
 def _header(trt, gpu: GpuInfo, precision: str, version_compatible: bool, request: ProfileRequest) -> dict:
