@@ -106,7 +106,7 @@ def test_profile_check_names_range_and_rebuild_command():
 
 
 def test_build_without_tensorrt_is_one_clear_message(arts, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on this machine: `import tensorrt` fails
+    fake_trt.block_tensorrt(monkeypatch)  # as on this machine: only the lean bindings, and they are blocked too
     result = CliRunner().invoke(main, ["build", str(arts)])
     assert result.exit_code == BackendError.exit_code
     assert "TensorRT is not installed" in result.output and "pip install tensorrt-cu13" in result.output
@@ -274,8 +274,7 @@ def test_refuses_corrupted_or_missing_engines(arts, fakes):
 def test_trt_backend_needs_cuda_device_and_tensorrt(arts, monkeypatch):
     with pytest.raises(BackendError, match="GPU only"):
         resolve_backend("trt", "cpu")
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setitem(sys.modules, "tensorrt_lean", None)
+    fake_trt.block_tensorrt(monkeypatch)
     with pytest.raises(BackendError, match="TensorRT is not installed.*--backend ort"):
         _load(arts)
 
@@ -367,8 +366,7 @@ def test_auto_picks_trt_when_engines_fit_else_ort(arts, monkeypatch):
     assert resolve_backend("auto", "cuda", arts, arts / "elsewhere") == "ort"
     fake_trt.install(monkeypatch, capability=(8, 0))  # engines for another GPU: not usable here
     assert resolve_backend("auto", "cuda", arts) == "ort"
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setitem(sys.modules, "tensorrt_lean", None)
+    fake_trt.block_tensorrt(monkeypatch)
     assert resolve_backend("auto", "cuda", arts) == "ort"
 
 
