@@ -350,8 +350,9 @@ def demo_cmd(out_dir: Path, duration: float, overwrite: bool) -> None:
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
               help="TensorRT engine directory (<graph>.plan): graph models become tensorrt_plan.")
 @click.option("--instances", type=int, default=1, show_default=True, help="Instances of every model.")
-@click.option("--max-batch", type=int, default=8, show_default=True,
-              help="max_batch_size of the graph models (the DiT gets twice that for guided checkpoints).")
+@click.option("--max-batch", type=int, default=None,
+              help="max_batch_size of the graph models (the DiT gets twice that for guided checkpoints). Default 8, "
+                   "or with --engines the batch the engines were built for (engines.json); more is refused.")
 @click.option("--python-onnx-shim", is_flag=True,
               help="Also write python-backend stand-ins of the ONNX models (configs/python_onnx.pbtxt) for "
                    "servers without the onnxruntime backend; see docs/triton.md.")
