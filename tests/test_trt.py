@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -226,6 +227,52 @@ def test_version_compatible_engines_run_on_later_tensorrt_and_lean(arts, monkeyp
     fake_trt.install(monkeypatch, version="10.8.0.1")
     with pytest.raises(ArtifactError, match="newer than this TensorRT"):
         _load(arts)
+
+
+def test_version_compatible_rule_is_nvidias(arts, monkeypatch):
+    """Same major and later, or 10 -> 11 / 8 -> 10 (TensorRT 11.4 support matrix); never older, never 10 -> 12."""
+    from acestep_trt.runtime.trt.manifest import version_compatible_runs
+
+    assert version_compatible_runs("11.4.0.106", "11.5.0.1") is None
+    assert version_compatible_runs("10.13.0.35", "11.4.0.106") is None and version_compatible_runs("8.6.1", "10.0") is None
+    assert "newer than this TensorRT 11.4.0" in version_compatible_runs("11.4.1", "11.4.0")
+    assert "predates version compatibility" in version_compatible_runs("8.5.3", "8.6.1")
+    assert "not on TensorRT 11.4.0" in version_compatible_runs("8.6.1", "11.4.0")
+    fake_trt.install(monkeypatch, version="10.13.0.35")
+    build_engines(arts, request=SMALL, version_compatible=True)
+    fake_trt.install(monkeypatch, version="12.0.0.1")
+    with pytest.raises(ArtifactError, match=r"TensorRT 10 on TensorRT 10\.x and 11\.x only, not on TensorRT 12"):
+        _load(arts)
+
+
+def test_tensorrt_found_under_the_wheels_module_names(arts, monkeypatch):
+    """The PyPI wheels install `tensorrt_bindings` / `tensorrt_lean_bindings`, not `tensorrt` / `tensorrt_lean`."""
+    from acestep_trt.runtime.trt.libs import import_tensorrt, is_lean
+
+    trt, _ = fake_trt.install(monkeypatch, name="tensorrt_bindings")
+    assert import_tensorrt() is trt and not is_lean(trt)
+    build_engines(arts, request=SMALL)  # builds through tensorrt_bindings
+    lean, _ = fake_trt.install(monkeypatch, name="tensorrt_lean_bindings")
+    assert import_tensorrt(lean_ok=True) is lean and is_lean(lean)
+    with pytest.raises(ArtifactError, match="only the TensorRT lean runtime is installed"):
+        _load(arts)  # the lean runtime runs version-compatible engines only
+    with pytest.raises(BackendError, match="TensorRT is not installed"):
+        import_tensorrt()  # a build needs the full TensorRT
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # PyPI's placeholder package
+    with pytest.raises(BackendError, match="tensorrt: no Builder"):
+        import_tensorrt()
+
+
+def test_a_timing_cache_tensorrt_refuses_is_replaced(arts, fakes, tmp_path, caplog):
+    """set_timing_cache(cache, ignore_mismatch=False) returns False for another TensorRT/GPU's cache: start anew."""
+    trt, _ = fakes
+    cache = tmp_path / "other-gpu.cache"
+    cache.write_bytes(b"\x00timing cache of another GPU")
+    with caplog.at_level("WARNING"):
+        build_engines(arts, request=SMALL, timing_cache=cache)
+    assert "does not match this TensorRT and GPU" in caplog.text and str(cache) in caplog.text
+    assert cache.read_bytes() == f"fake-timing-cache:{len(ENGINE_NAMES)}".encode()  # replaced by the new one
+    assert all(config.timing_cache is not None and config.timing_cache.valid for _, config in trt.builds)
 
 
 def test_lean_runtime_refuses_engines_that_are_not_version_compatible(arts, monkeypatch):
