@@ -517,6 +517,50 @@ def test_engine_validation_reports_a_differing_engine(built, fakes, monkeypatch)
     assert "FAIL" in result.output and "differ from ONNX Runtime beyond tolerance" in result.output
 
 
+def test_engine_validation_floors_per_precision():
+    """SNR floors like the export's: by the graph's ONNX dtype when reduced, else by the build precision."""
+    from acestep_trt.runtime.trt.validate import engine_floor, parse_tolerances
+
+    assert engine_floor("dit_step", "fp32", "fp32", {}) == 60.0 and engine_floor("dit_step", "fp32", "tf32", {}) == 40.0
+    assert engine_floor("dit_step", "bf16", "fp32", {}) == 30.0 and engine_floor("vae_decoder", "fp16", "tf32", {}) == 40.0
+    overrides = parse_tolerances(["20", "dit_step=25"])
+    assert overrides == {"*": 20.0, "dit_step": 25.0}
+    assert engine_floor("dit_step", "fp32", "fp32", overrides) == 25.0
+    assert engine_floor("vae_decoder", "fp32", "fp32", overrides) == 20.0
+    for bad in ("loud", "unet=3", "dit_step=", "nan"):
+        with pytest.raises(InputError, match="DB or GRAPH=DB"):
+            parse_tolerances([bad])
+
+
+def test_engine_validation_tolerance_override_and_nan(built, fakes, monkeypatch):
+    """A slightly different engine (80 dB) passes the fp32 floor (60 dB), fails --validate-tolerance 90;
+    NaN fails even at --validate-tolerance 0; a malformed value is refused before building."""
+    original = fake_trt.Context._compute
+    poison = {}
+
+    def skewed(self, feeds):
+        out = original(self, feeds)
+        out = {k: (v * np.float32(1 + 1e-4) if v.dtype == np.float32 else v) for k, v in out.items()}
+        if poison and "velocity" in out:
+            out["velocity"].flat[0] = np.nan
+        return out
+
+    monkeypatch.setattr(fake_trt.Context, "_compute", skewed)
+    args = ["build", str(built), "--min-duration", "0.5", "--opt-duration", "1", "--max-duration", "4",
+            "--max-lyric-len", "512"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert ">=60 dB" in result.output and "not calibrated" in result.output and "FAIL" not in result.output
+    result = CliRunner().invoke(main, [*args, "--validate-tolerance", "90"])
+    assert result.exit_code == 5 and "FAIL" in result.output and "limit >=90 dB" in result.output
+    poison["on"] = True
+    result = CliRunner().invoke(main, [*args, "--validate-tolerance", "0"])
+    assert result.exit_code == 5 and "dit_step.velocity" in result.output and "SNR nan dB" in result.output
+    builds = len(fakes[0].builds)
+    result = CliRunner().invoke(main, [*args, "--force", "--validate-tolerance", "dit=3"])
+    assert result.exit_code == InputError.exit_code and len(fakes[0].builds) == builds
+
+
 def test_close_releases_device_memory(built, fakes):
     _, cudart = fakes
     with _load(built) as rt:
