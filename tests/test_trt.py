@@ -164,6 +164,17 @@ def test_build_records_calls_profiles_and_manifest(arts, fakes):
     assert manifest["graphs"]["dit_step"]["profile"]["dims"]["latent_len"] == {"min": 13, "opt": 25, "max": 100}
 
 
+def test_build_warns_about_operators_outside_the_documented_support(arts, fakes, monkeypatch, caplog):
+    from acestep_trt.runtime.trt import onnx_support
+
+    monkeypatch.setattr(onnx_support, "unsupported", lambda path: ["CumSum on INT64 (node 'n')"] if
+                        path.name == "text_encoder.onnx" else [])
+    with caplog.at_level("WARNING"):
+        build_engines(arts, request=SMALL)
+    assert "text_encoder.onnx: CumSum on INT64 (node 'n')" in caplog.text
+    assert caplog.text.count("CumSum") == 1
+
+
 def test_build_is_idempotent_and_rebuilds_only_what_changed(arts, fakes):
     trt, _ = fakes
     build_engines(arts, request=SMALL)

@@ -181,6 +181,7 @@ class _Session:
         started = time.perf_counter()
         network = self.network()
         spec = artifacts.specs[name]
+        _warn_undocumented(artifacts.graph_path(name))
         keep = _parse_onnx(self.trt, network, self.logger, artifacts.graph_path(name))
         _check_io(network, spec)
         config = self.config(precision, version_compatible)
@@ -206,6 +207,19 @@ class _Session:
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.cache_path, self.cache.serialize())
+
+
+def _warn_undocumented(path: Path) -> None:
+    """Log what the graph uses outside TensorRT's documented ONNX support (onnx_support.py); the parser decides."""
+    try:
+        from .onnx_support import unsupported
+
+        problems = unsupported(path)
+    except ImportError:  # the onnx package is not installed: nothing to check with
+        log.debug("onnx is not installed; %s not checked against TensorRT's operator matrix", path.name)
+        return
+    for problem in problems:
+        log.warning("%s: %s", path.name, problem)
 
 
 def _parse_onnx(trt, network, logger, path: Path):
