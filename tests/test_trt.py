@@ -442,9 +442,13 @@ def test_engine_dir_option(arts, fakes, tmp_path):
 
 
 def _real_trt_available() -> bool:
+    """The full TensorRT (as `tensorrt` or the wheel's `tensorrt_bindings`) and cuda-bindings."""
     try:
-        import tensorrt  # noqa: F401
         from cuda.bindings import runtime  # noqa: F401
+
+        from acestep_trt.runtime.trt.libs import import_tensorrt
+
+        import_tensorrt()
     except Exception:  # noqa: BLE001
         return False
     return True
