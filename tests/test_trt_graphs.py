@@ -118,3 +118,25 @@ def test_text_encoder_mask_of_ones_is_no_mask(tiny):
         ref = encoder(input_ids=ids).last_hidden_state  # pipeline_ace_step.py encode_prompt: no mask
         got = TextEncoderAdapter(encoder)(ids)
     assert torch.equal(got, ref)
+
+
+def test_condition_encoder_graph_beyond_the_old_topk_limit_matches_diffusers(tiny):
+    """The exported graph (no TopK) at cond_len = 3000 + 1 + 900 > 3840, batch 2 with padding, vs diffusers."""
+    import onnxruntime as ort
+    import torch
+
+    from acestep_trt.export.exporter import _cond_ref
+    from acestep_trt.export.validate import make_inputs
+    from acestep_trt.runtime.artifacts import load_artifacts
+
+    artifacts = load_artifacts(tiny.artifacts)
+    spec = artifacts.specs["condition_encoder"]
+    feeds = make_inputs(spec, {"batch": 2, "text_len": 900, "lyric_len": 3000, "timbre_len": 11}, artifacts.config)
+    session = ort.InferenceSession(str(artifacts.graph_path("condition_encoder")), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in spec.outputs], session.run([o.name for o in spec.outputs], feeds)))
+    with torch.no_grad():
+        ref = _cond_ref(tiny.pipe.condition_encoder, {k: torch.from_numpy(v) for k, v in feeds.items()})
+    assert got["encoder_hidden_states"].shape == (2, 3901, artifacts.config.cond_hidden)
+    np.testing.assert_array_equal(got["encoder_attention_mask"], ref["encoder_attention_mask"].numpy())
+    states = ref["encoder_hidden_states"].numpy()
+    assert np.max(np.abs(got["encoder_hidden_states"] - states)) <= spec.tolerance.bound(float(np.max(np.abs(states))))
