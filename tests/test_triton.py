@@ -124,19 +124,43 @@ def test_orchestrator_config(repository):
     assert {o.name: list(o.dims) for o in config.output} == {"audio": [2, -1], "sample_rate": [1]}
 
 
-def test_engine_repository_configs(tiny, tmp_path):
-    """--engines writes tensorrt_plan models on KIND_GPU (configs only: no TensorRT server here)."""
+def test_engine_repository_configs(tiny, tmp_path, monkeypatch):
+    """--engines writes tensorrt_plan models on KIND_GPU with the engines' batch and VAE window (engines.json).
+
+    Configs only: the engines come from the fake TensorRT (tests/fake_trt.py), no TensorRT server here.
+    """
+    import json
+
+    from acestep_trt.runtime.errors import ArtifactError
+    from acestep_trt.runtime.trt.builder import build_engines
+    from acestep_trt.runtime.trt.profiles import ProfileRequest
+
+    from . import fake_trt
+
+    fake_trt.install(monkeypatch)
     engines = tmp_path / "engines"
-    engines.mkdir()
-    for graph in GRAPH_NAMES:
-        (engines / f"{graph}.plan").write_bytes(b"engine:" + graph.encode())
-    repo = write_repository(tiny.artifacts, tmp_path / "repo", RepositoryOptions(engines=engines, max_batch=2))
+    request = ProfileRequest(min_duration=0.5, opt_duration=1.0, max_duration=4.0, max_batch=2, max_lyric_len=64,
+                             vae_window=64)
+    build_engines(tiny.artifacts, engines, request)
+    repo = write_repository(tiny.artifacts, tmp_path / "repo", RepositoryOptions(engines=engines))
     for graph in GRAPH_NAMES:
         config = _parse(repo / graph / "config.pbtxt")
-        assert config.platform == "tensorrt_plan" and config.max_batch_size == 2
+        assert config.platform == "tensorrt_plan" and config.max_batch_size == 2  # the engines' --max-batch
         assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
-        assert (repo / graph / "1" / "model.plan").read_bytes() == b"engine:" + graph.encode()
+        assert (repo / graph / "1" / "model.plan").read_bytes() == (engines / f"{graph}.plan").read_bytes()
         assert not (repo / graph / "1" / "model.onnx").exists()
+    assert json.loads((repo / "acestep" / "1" / "orchestrator.json").read_text())["vae_window"] == 64
+    smaller = write_repository(tiny.artifacts, tmp_path / "repo1", RepositoryOptions(engines=engines, max_batch=1))
+    assert _parse(smaller / DIT_STEP / "config.pbtxt").max_batch_size == 1
+    result = CliRunner().invoke(main, ["triton", str(tiny.artifacts), str(tmp_path / "repo2"), "--engines",
+                                       str(engines), "--max-batch", "3"])
+    assert result.exit_code == InputError.exit_code and not (tmp_path / "repo2").exists()
+    assert "--max-batch 3 exceeds what the engines" in result.output and "(2)" in result.output
+    with pytest.raises(InputError, match="--vae-window 128 exceeds"):
+        write_repository(tiny.artifacts, tmp_path / "repo3", RepositoryOptions(engines=engines, vae_window=128))
+    (engines / "engines.json").unlink()  # plans without a manifest: their profiles are unknown
+    with pytest.raises(ArtifactError, match="engines.json is missing"):
+        write_repository(tiny.artifacts, tmp_path / "repo4", RepositoryOptions(engines=engines))
 
 
 def test_guided_checkpoint_doubles_dit_batch(variant, tmp_path):

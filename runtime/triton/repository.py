@@ -35,6 +35,7 @@ from .. import staging as stg
 from ..errors import ArtifactError, InputError
 from ..specs import DIT_STEP, GRAPH_NAMES
 from . import config as tc
+from .engines import fit_options
 from .serving import ARTIFACTS_SUBDIR, ORCHESTRATOR_JSON
 
 log = logging.getLogger(__name__)
@@ -47,19 +48,25 @@ _RUNTIME_ROOT = Path(__file__).resolve().parent.parent  # .../acestep_trt/runtim
 
 @dataclass(frozen=True)
 class RepositoryOptions:
-    """``instances`` per model, ``max_batch`` per graph model, optional engine directory and ONNX shim."""
+    """``instances`` per model, ``max_batch`` per graph model, optional engine directory and ONNX shim.
+
+    ``max_batch`` / ``vae_window`` left at None: 8 and 256, or with ``engines`` the values the engines were
+    built for (``engines.json``; see :mod:`.engines`).
+    """
 
     engines: Path | None = None
     instances: int = 1
-    max_batch: int = 8
+    max_batch: int | None = None
     python_onnx_shim: bool = False
-    vae_window: int = 256
+    vae_window: int | None = None
     request_timeout: float = 900.0  # seconds a request may run in the orchestrator (0: no limit)
 
 
 def _check_options(options: RepositoryOptions) -> None:
     for name in ("instances", "max_batch", "vae_window"):
         value = getattr(options, name)
+        if value is None and name != "instances":
+            continue  # filled in by engines.fit_options
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InputError(f"`{name}` must be a positive integer, got {value!r}.", f"pass {name} >= 1.")
     if not isinstance(options.request_timeout, (int, float)) or not 0 <= options.request_timeout < float("inf"):
@@ -155,9 +162,7 @@ def write_repository(artifacts_dir: str | Path, repository: str | Path,
     """Write the model repository (atomically: built beside ``repository``, then renamed into place)."""
     _check_options(options)
     artifacts = load_artifacts(artifacts_dir)
-    if options.engines is not None and not Path(options.engines).is_dir():
-        raise ArtifactError(f"engine directory {options.engines} does not exist.",
-                            "build engines with `acestep-trt build`, or drop --engines.")
+    options = fit_options(artifacts, options)  # batch and VAE window: the engines' (engines.json) with --engines
     repository = Path(repository)
     with stg.TargetLock(repository, "writing"):  # a second writer of the same repository is refused
         staging = _prepare_target(repository, overwrite)

@@ -183,12 +183,30 @@ class _Session:
             config.clear_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
         if self.workspace_gib:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gib * (1 << 30)))
+        self._attach_timing_cache(config)
+        return config
+
+    def _attach_timing_cache(self, config) -> None:
+        """Attach the shared timing cache, read from ``cache_path`` for the first engine.
+
+        ``set_timing_cache(cache, ignore_mismatch=False)`` returns False when the file was written by another
+        TensorRT version or GPU (its verification header differs) or is not a timing cache: then a fresh cache
+        is used, and it replaces the file after the build (logged; the old file is not worth keeping, TensorRT
+        cannot use it here).
+        """
         if self.cache is None:
             data = self.cache_path.read_bytes() if self.cache_path.is_file() else b""
             self.cache = config.create_timing_cache(data)
             log.debug("timing cache %s (%d bytes)", self.cache_path, len(data))
-        config.set_timing_cache(self.cache, False)
-        return config
+            if self.cache is not None and config.set_timing_cache(self.cache, False):
+                return
+            if data:
+                log.warning("timing cache %s does not match this TensorRT and GPU (or is not a timing cache); "
+                            "starting a new one, which replaces it after the build", self.cache_path)
+                self.cache = config.create_timing_cache(b"")
+        if self.cache is None or not config.set_timing_cache(self.cache, False):
+            raise BackendError(f"TensorRT refused the timing cache ({self.cache_path}, or a new empty one).",
+                               "check the TensorRT log above; retry with another --timing-cache path.")
 
     def build(self, out: Path, artifacts: Artifacts, name: str, record: dict, precision: str,
               version_compatible: bool) -> dict:
@@ -196,6 +214,7 @@ class _Session:
         started = time.perf_counter()
         network = self.network()
         spec = artifacts.specs[name]
+        _warn_undocumented(artifacts.graph_path(name))
         keep = _parse_onnx(self.trt, network, self.logger, artifacts.graph_path(name))
         _check_io(network, spec)
         config = self.config(precision, version_compatible)
@@ -221,6 +240,19 @@ class _Session:
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.cache_path, self.cache.serialize())
+
+
+def _warn_undocumented(path: Path) -> None:
+    """Log what the graph uses outside TensorRT's documented ONNX support (onnx_support.py); the parser decides."""
+    try:
+        from .onnx_support import unsupported
+
+        problems = unsupported(path)
+    except ImportError:  # the onnx package is not installed: nothing to check with
+        log.debug("onnx is not installed; %s not checked against TensorRT's operator matrix", path.name)
+        return
+    for problem in problems:
+        log.warning("%s: %s", path.name, problem)
 
 
 def _parse_onnx(trt, network, logger, path: Path):
