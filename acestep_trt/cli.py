@@ -27,9 +27,13 @@ class _Group(click.Group):
         except AceStepError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP (runtime/staging.py): cleanup has run
+            click.echo(f"interrupted{f' ({err})' if str(err) else ''}; nothing partial was left behind", err=True)
+            sys.exit(128 + getattr(err, "signum", 2))
+        except MemoryError:
+            click.echo("error: out of memory. Fix: generate a shorter clip or fewer prompts, or use a smaller "
+                       "--vae-window.", err=True)
+            sys.exit(6)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -43,7 +47,10 @@ def _setup_logging(verbose: bool) -> None:
 @click.version_option(package_name="acestep-trt")
 def main(verbose: bool) -> None:
     """Export ACE-Step 1.5 to ONNX and generate music without PyTorch."""
+    from acestep_trt.runtime.staging import install_signal_handlers
+
     _setup_logging(verbose)
+    install_signal_handlers()  # SIGTERM/SIGHUP clean up like Ctrl-C
 
 
 @main.command("export")
@@ -52,10 +59,11 @@ def main(verbose: bool) -> None:
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare every graph with PyTorch in ONNX Runtime at off-trace shapes.")
 @click.option("--overwrite", is_flag=True, help="Replace ARTIFACTS_DIR if it exists.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Recipe: fp32 everywhere, or bf16 encoders and DiT (fp32 islands) with an fp32 VAE.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+              help="Recipe: fp32 everywhere; bf16 encoders and DiT (fp32 islands) with an fp32 VAE, for the GPU; "
+                   "or int8 matrix products in the encoders and DiT with an fp32 VAE, for the CPU.")
 @click.option("--graph-precision", "graph_precision", multiple=True, metavar="GRAPH=DTYPE",
-              help="Override one graph's dtype (fp32, bf16, fp16), e.g. text_encoder=fp16. Repeatable.")
+              help="Override one graph's dtype (fp32, bf16, fp16, int8), e.g. text_encoder=fp16. Repeatable.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="Fuse a LoRA into the DiT (fixed deployments, e.g. Triton). Repeatable; recorded in the manifest.")
 def export_cmd(model_dir: Path, artifacts_dir: Path, validate: bool, overwrite: bool, precision: str,
@@ -155,25 +163,35 @@ def _read_latents(path: Path | None):
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--emulate-precision", is_flag=True,
               help="Run bf16/fp16 graphs on the CPU as fp32 arithmetic rounded to their dtype (slow; for checks).")
+@click.option("--max-duration", type=float, default=None,
+              help="Allow clips longer than 600 s, up to this many seconds (the model's range ends at 600 s).")
+@click.option("--no-memory-check", is_flag=True, help="Skip the peak-memory estimate (runtime/limits.py).")
+@click.option("--vae-window", type=int, default=256, show_default=True,
+              help="Latent frames per VAE decoding window (smaller: less memory, a little slower).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="Apply a LoRA adapter at weight SCALE (default 1). Repeatable: adapters mix as set_adapters.")
-def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
+@click.pass_context
+def generate_cmd(ctx, artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
                  latents_file, language, bpm, keyscale, timesignature, backend, device, engine_dir, out_path,
-                 overwrite, emulate_precision, loras=()):
+                 overwrite, emulate_precision, max_duration, no_memory_check, vae_window, loras=()):
     """Generate music from ARTIFACTS_DIR and write it to --out."""
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.audio import check_output_path, write_audio
+    from acestep_trt.runtime.limits import Limits
     from acestep_trt.runtime.pipeline import check_arguments, check_prompts
+    from acestep_trt.runtime.staging import TargetLock
 
     check_output_path(out_path, overwrite)
+    ctx.call_on_close(TargetLock(out_path, "writing").acquire().release)  # a second generate to --out is refused
+    limits = Limits(max_duration=600.0 if max_duration is None else max_duration, check_memory=not no_memory_check)
     lyrics_text = _read_lyrics(lyrics, lyrics_file)
     latents = _read_latents(latents_file)
     check_prompts(prompt)
-    check_arguments(duration, steps, shift, guidance_scale)
+    check_arguments(duration, steps, shift, guidance_scale, limits=limits)  # runtime/limits.py, before loading
     adapters = _lora_options(loras)
     started = time.perf_counter()
     rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device, engine_dir=engine_dir,
-                             emulate_precision=emulate_precision)
+                             emulate_precision=emulate_precision, limits=limits, vae_window=vae_window)
     if adapters:  # each adapter under its own name, then mixed with the given weights (diffusers' set_adapters)
         names = [rt.load_lora_weights(path, adapter_name=f"lora{i}") for i, (path, _) in enumerate(adapters)]
         rt.set_adapters(names, [scale for _, scale in adapters])
@@ -197,16 +215,21 @@ def generate_cmd(artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, sh
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--torch-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Precision of the diffusers side.")
+@click.option("--diffusers-dtype", "diffusers_dtypes", type=click.Choice(["fp32", "bf16", "fp16"]), multiple=True,
+              help="Precision of a diffusers side; repeatable. Default: fp32 and bf16 on cpu, bf16 on cuda.")
+@click.option("--torch-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, hidden=True,
+              help="Old name of --diffusers-dtype (one dtype).")
+@click.option("--separate-processes/--same-process", "separate", default=None,
+              help="Run each side in a process of its own, one after the other (default: only when the sides "
+                   "do not fit in memory together).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report.")
-def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, device, backend, torch_dtype,
-              json_out):
+def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, device, backend, diffusers_dtypes,
+              torch_dtype, separate, json_out):
     """Time this toolkit against diffusers' AceStepPipeline on MODEL_DIR, side by side."""
     import json
     import warnings
 
-    from acestep_trt.export.bench import BenchConfig, format_report, run_bench
+    from acestep_trt.export.bench import BenchConfig, default_diffusers_dtypes, format_report, run_bench
     from acestep_trt.export.checkpoint import inspect_checkpoint
     from acestep_trt.runtime.artifacts import read_manifest
     from acestep_trt.runtime.pipeline import check_arguments
@@ -217,8 +240,10 @@ def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, de
     for name, value in (("--batch", batch), ("--runs", runs)):
         if value < 1:
             raise InputError(f"{name} must be >= 1, got {value}.", f"pass {name} 1 or more.")
+    dtypes = tuple(dict.fromkeys(diffusers_dtypes + ((torch_dtype,) if torch_dtype else ())))
     cfg = BenchConfig(duration=duration, steps=steps, batch=batch, runs=runs, warmup=max(warmup, 0),
-                      device=device, backend=backend, torch_dtype=torch_dtype)
+                      device=device, backend=backend, separate=separate,
+                      diffusers_dtypes=dtypes or default_diffusers_dtypes(device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = run_bench(model_dir, artifacts_dir, cfg)
@@ -286,12 +311,18 @@ def compare_cmd(reference_dir, candidate_dir, duration, steps, seeds, backend, d
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare every engine with ONNX Runtime (CPU) at the profile's opt shapes.")
 @click.option("--refit", is_flag=True, help="Make the DiT engine refittable, for LoRA adapters at generate time.")
+@click.option("--validate-tolerance", "validate_tolerance", multiple=True, metavar="DB|GRAPH=DB",
+              help="Minimum engine-vs-ONNX Runtime SNR in dB, replacing the per-precision floors (fp32 60, tf32 40, "
+                   "bf16 30, fp16 40; fp32/tf32 uncalibrated) for every graph or one. Repeatable.")
 def build_cmd(artifacts_dir, out_dir, min_duration, opt_duration, max_duration, max_batch, max_text_len,
               max_lyric_len, vae_window, precision, version_compatible, timing_cache, workspace_gib, force,
-              validate, refit=False):
+              validate, validate_tolerance, refit=False):
     """Build TensorRT engines for ARTIFACTS_DIR (needs TensorRT and an NVIDIA GPU)."""
     from acestep_trt.runtime.trt.builder import build_engines
     from acestep_trt.runtime.trt.profiles import ProfileRequest
+    from acestep_trt.runtime.trt.validate import parse_tolerances
+
+    overrides = parse_tolerances(validate_tolerance)  # a bad value fails before anything is built
 
     request = ProfileRequest(min_duration=min_duration, opt_duration=opt_duration, max_duration=max_duration,
                              max_batch=max_batch, max_text_len=max_text_len,
@@ -305,10 +336,10 @@ def build_cmd(artifacts_dir, out_dir, min_duration, opt_duration, max_duration, 
         ranges = ", ".join(f"{dim} {r['min']}..{r['max']}" for dim, r in record["profile"]["dims"].items())
         click.echo(f"  {name:<18} {record['bytes'] / 2**20:8.1f} MiB  {ranges}")
     if validate:
-        _validate_engines(artifacts_dir, manifest)
+        _validate_engines(artifacts_dir, manifest, overrides)
 
 
-def _validate_engines(artifacts_dir: Path, manifest) -> None:
+def _validate_engines(artifacts_dir: Path, manifest, overrides: dict[str, float]) -> None:
     """Engine vs ONNX Runtime per graph; raises ExportValidationError (exit 5) beyond tolerance.
 
     fp32 graphs run on ONNX Runtime's CPU provider; reduced-precision graphs natively on CUDA when
@@ -323,10 +354,13 @@ def _validate_engines(artifacts_dir: Path, manifest) -> None:
     trt_runners = load_engines(artifacts, manifest.root, manifest.request.vae_window, full_hash=False)  # just built
     ort_runners = {name: checking_graph(artifacts.graph_path(name), spec, artifacts.precision(name))
                    for name, spec in artifacts.specs.items()}
-    rows = tv.compare_engines(artifacts, trt_runners, ort_runners, manifest.data["precision"])
+    rows = tv.compare_engines(artifacts, trt_runners, ort_runners, manifest.data["precision"], overrides)
     click.echo(tv.TABLE_HEADER)
     for row in rows:
         click.echo(row.row())
+    if not overrides:
+        click.echo("(SNR floors per precision; the fp32/tf32 ones are not calibrated on real TensorRT yet, see "
+                   "docs/tensorrt.md; --validate-tolerance replaces them)")
     tv.raise_on_failure(rows)
 
 
@@ -372,18 +406,22 @@ def demo_cmd(out_dir: Path, duration: float, overwrite: bool) -> None:
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
               help="TensorRT engine directory (<graph>.plan): graph models become tensorrt_plan.")
 @click.option("--instances", type=int, default=1, show_default=True, help="Instances of every model.")
-@click.option("--max-batch", type=int, default=8, show_default=True,
-              help="max_batch_size of the graph models (the DiT gets twice that for guided checkpoints).")
+@click.option("--max-batch", type=int, default=None,
+              help="max_batch_size of the graph models (the DiT gets twice that for guided checkpoints). Default 8, "
+                   "or with --engines the batch the engines were built for (engines.json); more is refused.")
 @click.option("--python-onnx-shim", is_flag=True,
               help="Also write python-backend stand-ins of the ONNX models (configs/python_onnx.pbtxt) for "
                    "servers without the onnxruntime backend; see docs/triton.md.")
+@click.option("--request-timeout", type=float, default=900.0, show_default=True,
+              help="Seconds a request may run in the orchestrator before it is stopped (0: no limit).")
 @click.option("--overwrite", is_flag=True, help="Replace REPOSITORY_DIR if it exists.")
-def triton_cmd(artifacts_dir, repository_dir, engines, instances, max_batch, python_onnx_shim, overwrite):
+def triton_cmd(artifacts_dir, repository_dir, engines, instances, max_batch, python_onnx_shim, request_timeout,
+               overwrite):
     """Write a Triton model repository for ARTIFACTS_DIR to REPOSITORY_DIR."""
     from acestep_trt.runtime.triton.repository import RepositoryOptions, write_repository
 
     options = RepositoryOptions(engines=engines, instances=instances, max_batch=max_batch,
-                                python_onnx_shim=python_onnx_shim)
+                                python_onnx_shim=python_onnx_shim, request_timeout=request_timeout)
     write_repository(artifacts_dir, repository_dir, options, overwrite=overwrite)
     kind = "tensorrt_plan" if engines else "onnxruntime_onnx"
     click.echo(f"wrote {repository_dir}: acestep (python, BLS) + 4 graph models ({kind})")

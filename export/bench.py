@@ -1,7 +1,11 @@
-"""``acestep-trt bench``: this toolkit vs diffusers' ``AceStepPipeline``, side by side in one process.
+"""``acestep-trt bench``: this toolkit vs diffusers' ``AceStepPipeline`` in one or more dtypes, side by side.
 
-Both pipelines are loaded once, warmed up, then run alternately (ours, diffusers, ours, ...) on the same
-prompt and noise, so that drift in machine load hits both equally. Per run we record per-stage times
+Every side (ours, and diffusers in each ``--diffusers-dtype``) is loaded once, warmed up, then the sides
+run alternately (ours, diffusers fp32, diffusers bf16, ours, ...) on the same prompt and noise, so that
+drift in machine load hits all equally. When the sides do not fit in memory together (estimated from
+the graph files and the checkpoint's parameter count: the full-size geometry on a 24 GB machine), each
+runs in a process of its own, one after the other, and the report says so and gives each process's peak
+resident memory. Per run we record per-stage times
 (prompt + condition encoding, every DiT step, VAE decode), end-to-end time, and the peak resident memory
 above the level before the run (sampled every 5 ms); on CUDA also GPU memory: for diffusers torch's peak
 allocation per run, for this toolkit the device memory it holds after its warm-up (``cudaMemGetInfo``
@@ -243,9 +247,15 @@ class BenchConfig:
     warmup: int = 1
     device: str = "cpu"
     backend: str = "ort"
-    torch_dtype: str = "fp32"
+    diffusers_dtypes: tuple[str, ...] = ("fp32",)
+    separate: bool | None = None  # None: separate processes only when the pipelines do not fit together
     prompt: str = CASES[0][0]
     lyrics: str = CASES[0][1]
+
+
+def default_diffusers_dtypes(device: str) -> tuple[str, ...]:
+    """What a user of diffusers would pick: on the CPU fp32 and bf16 (torch uses AVX-512 BF16/AMX), on CUDA bf16."""
+    return ("fp32", "bf16") if device == "cpu" else ("bf16",)
 
 
 def _gpu_peak_reset(side) -> None:
@@ -270,43 +280,162 @@ def _one_run(side, cfg: BenchConfig, latents: np.ndarray) -> tuple[RunRecord, np
     return RunRecord(total, dict(side.timer.stages), mem.peak, _gpu_peak(side)), audio
 
 
+def _noise(cfg: BenchConfig, frames: int) -> np.ndarray:
+    """The initial noise both sides start from, ``[batch, frames, 64]``."""
+    return np.random.default_rng(0).standard_normal((cfg.batch, frames, 64)).astype(np.float32)
+
+
+def _frames(artifacts: Path, duration: float) -> int:
+    from acestep_trt.runtime.artifacts import read_manifest
+    from acestep_trt.runtime.specs import ModelConfig
+
+    return ModelConfig.from_dict(read_manifest(artifacts)["model"]).latent_length(duration)
+
+
+def _process_peak_rss() -> int:
+    """This process's peak resident memory since it started (``ru_maxrss``, KiB on Linux), in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _open_side(key: str, model_dir: Path, artifacts: Path, cfg: BenchConfig):
+    """``"ours"`` or a diffusers dtype (``"fp32"``, ``"bf16"``, ``"fp16"``) -> the loaded side."""
+    if key == "ours":
+        return OursSide(artifacts, cfg.backend, cfg.device)
+    return DiffusersSide(model_dir, cfg.device, key)
+
+
+def _side_in_child(key: str, model_dir: str, artifacts: str, cfg: BenchConfig) -> tuple[SideResult, np.ndarray, int]:
+    """Child process of the separate-process mode: load one side, warm up, time ``cfg.runs`` runs."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    side = _open_side(key, Path(model_dir), Path(artifacts), cfg)
+    latents = _noise(cfg, _frames(Path(artifacts), cfg.duration))
+    result = SideResult(_side_name(key), load_seconds=side.load_seconds, load_rss=side.load_rss)
+    for _ in range(cfg.warmup):
+        _one_run(side, cfg, latents)
+    audio = None
+    for _ in range(cfg.runs):
+        record, audio = _one_run(side, cfg, latents)
+        result.runs.append(record)
+    return result, audio, _process_peak_rss()
+
+
+def _side_name(key: str) -> str:
+    return "acestep-trt" if key == "ours" else f"diffusers {key}"
+
+
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _checkpoint_parameters(model_dir: Path) -> int:
+    """Number of weights in ``model_dir``'s safetensors files (read from their headers, nothing loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(model_dir).rglob("*.safetensors"):
+        with safe_open(str(path), framework="numpy") as fh:
+            total += sum(int(np.prod(fh.get_slice(name).get_shape())) for name in fh.keys())
+    return total
+
+
+def memory_plan(model_dir: Path, artifacts: Path, dtypes: tuple[str, ...]) -> tuple[bool, str]:
+    """Whether all pipelines fit in this machine's available memory at once: ``(fits, reason)``.
+
+    Estimate: our graph files plus the checkpoint's weights in each diffusers dtype, times 1.3 for
+    activations and allocator slack (a full-size fp32 generation measured 14.4 GB for 12 GB of graphs).
+    """
+    parameters = _checkpoint_parameters(model_dir)
+    ours = sum(p.stat().st_size for p in Path(artifacts).glob("*.onnx*"))
+    need = 1.3 * (ours + sum(parameters * _DTYPE_BYTES[d] for d in dtypes))
+    available = _available_memory()
+    if available is None:
+        return True, ""
+    return need <= available, f"all sides together need about {need / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def run_bench(model_dir: Path, artifacts: Path, cfg: BenchConfig, progress: bool = True) -> dict:
-    """Load both sides, warm up, alternate ``cfg.runs`` timed runs each; return the report dict."""
+    """Time ours against diffusers in each of ``cfg.diffusers_dtypes``; return the report dict.
+
+    In one process (the default when everything fits): load every side, warm up, then alternate
+    ``cfg.runs`` rounds. Otherwise each side runs in a process of its own, one after the other (no
+    alternation; each process's peak resident memory is reported).
+    """
+    fits, reason = memory_plan(model_dir, artifacts, cfg.diffusers_dtypes)
+    separate = (not fits) if cfg.separate is None else cfg.separate
+    keys = ("ours", *cfg.diffusers_dtypes)
+    if separate:
+        results, audio, peaks = _run_separate(keys, model_dir, artifacts, cfg, progress)
+    else:
+        results, audio = _run_together(keys, model_dir, artifacts, cfg, progress)
+        peaks = {}
+    from acestep_trt.runtime.artifacts import read_manifest
+
+    manifest = read_manifest(artifacts)
+    mode = {"separate_processes": separate, "reason": reason,
+            "process_peak_mb": {_side_name(k): v / 2**20 for k, v in peaks.items()}}
+    return _report(cfg, results, audio, manifest.get("precision", {"recipe": "fp32"}), mode)
+
+
+def _run_separate(keys, model_dir, artifacts, cfg, progress):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    results, audio, peaks = {}, {}, {}
+    for key in tqdm(keys, desc="bench (one process per side)", unit="side", disable=not progress):
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+            results[key], audio[key], peaks[key] = child.submit(
+                _side_in_child, key, str(model_dir), str(artifacts), cfg).result()
+    return results, audio, peaks
+
+
+def _run_together(keys, model_dir, artifacts, cfg, progress):
     from tqdm.auto import tqdm
 
     gpu_base = device_memory_used() if cfg.device == "cuda" else None  # before any graph is on the GPU
-    ours = OursSide(artifacts, cfg.backend, cfg.device)
-    frames = ours.rt.config.latent_length(cfg.duration)
-    latents = np.random.default_rng(0).standard_normal((cfg.batch, frames, 64)).astype(np.float32)
-    results = {"ours": SideResult("acestep-trt"), "diffusers": SideResult("diffusers")}
+    sides = {"ours": OursSide(artifacts, cfg.backend, cfg.device)}
+    latents = _noise(cfg, sides["ours"].rt.config.latent_length(cfg.duration))
+    results = {key: SideResult(_side_name(key)) for key in keys}
     for _ in range(max(cfg.warmup, 1 if gpu_base is not None else 0)):
-        _one_run(ours, cfg, latents)
+        _one_run(sides["ours"], cfg, latents)
     if gpu_base is not None:
         used = device_memory_used()
         results["ours"].gpu_held = None if used is None else used - gpu_base
-    theirs = DiffusersSide(model_dir, cfg.device, cfg.torch_dtype)
-    results["ours"].load_seconds, results["ours"].load_rss = ours.load_seconds, ours.load_rss
-    results["diffusers"].load_seconds, results["diffusers"].load_rss = theirs.load_seconds, theirs.load_rss
-    for _ in range(cfg.warmup):
-        _one_run(theirs, cfg, latents)
+    for key in keys[1:]:
+        sides[key] = _open_side(key, model_dir, artifacts, cfg)
+        for _ in range(cfg.warmup):
+            _one_run(sides[key], cfg, latents)
+    for key, side in sides.items():
+        results[key].load_seconds, results[key].load_rss = side.load_seconds, side.load_rss
     audio = {}
     for _ in tqdm(range(cfg.runs), desc="bench", unit="round", disable=not progress):
-        for key, side in (("ours", ours), ("diffusers", theirs)):
+        for key, side in sides.items():
             record, audio[key] = _one_run(side, cfg, latents)
             results[key].runs.append(record)
-    return _report(cfg, results, audio, ours.sample_rate, ours.precision)
+    return results, audio
 
 
-def _report(cfg: BenchConfig, results: dict[str, SideResult], audio: dict, sample_rate: int,
-            precision: dict) -> dict:
-    ours, theirs = (results[k].summary(cfg.duration) for k in ("ours", "diffusers"))
-    ratio = {k: theirs[k] / ours[k] for k in ("end_to_end_s", "encode_s", "dit_step_s", "decode_s")
-             if ours[k] and theirs[k]}
-    diff = float(np.max(np.abs(audio["ours"].astype(np.float64) - audio["diffusers"])))
-    snr = snr_db(audio["ours"], audio["diffusers"])
-    return {"config": cfg.__dict__, "hardware": hardware(), "ours": ours, "diffusers": theirs,
-            "speedup": ratio, "max_abs_audio_diff": diff, "audio_snr_db": json_number(snr),
-            "precision": precision, "sample_rate": sample_rate}
+def _report(cfg: BenchConfig, results: dict[str, SideResult], audio: dict, precision: dict, mode: dict) -> dict:
+    ours = results["ours"].summary(cfg.duration)
+    report = {"config": {**cfg.__dict__, "diffusers_dtypes": list(cfg.diffusers_dtypes)}, "hardware": hardware(),
+              "mode": mode, "precision": precision, "ours": ours, "diffusers": {}, "speedup": {}, "audio": {}}
+    for dtype in cfg.diffusers_dtypes:
+        theirs = report["diffusers"][dtype] = results[dtype].summary(cfg.duration)
+        report["speedup"][dtype] = {k: theirs[k] / ours[k] for k in ("end_to_end_s", "encode_s", "dit_step_s",
+                                                                     "decode_s") if ours[k] and theirs[k]}
+        diff = float(np.max(np.abs(audio["ours"].astype(np.float64) - audio[dtype])))
+        report["audio"][dtype] = {"max_abs_diff": diff, "snr_db": json_number(snr_db(audio["ours"], audio[dtype]))}
+    return report
 
 
 def hardware() -> dict:
@@ -331,9 +460,8 @@ def hardware() -> dict:
 
 
 def format_report(report: dict) -> str:
-    """A plain-text table of the medians and ratios."""
-    o, d, s = report["ours"], report["diffusers"], report["speedup"]
-    cfg = report["config"]
+    """A plain-text table of the medians, with diffusers / ours ratios per diffusers dtype."""
+    o, cfg, dtypes = report["ours"], report["config"], report["config"]["diffusers_dtypes"]
     rows = [
         ("end to end (s)", "end_to_end_s", "{:.3f}"), ("real-time factor", "real_time_factor", "{:.4f}"),
         ("encode (s)", "encode_s", "{:.4f}"), ("DiT step, median (s)", "dit_step_s", "{:.4f}"),
@@ -342,18 +470,30 @@ def format_report(report: dict) -> str:
         ("load time (s)", "load_s", "{:.2f}"), ("RSS after load (MB)", "load_rss_mb", "{:.0f}"),
     ]
     fmt = lambda f, v: "n/a" if v is None else f.format(v)  # noqa: E731
+    mode = report["mode"]
+    how = (f"one process per side, one after the other ({mode['reason'] or 'asked for'})"
+           if mode["separate_processes"] else f"{o['runs']} alternating rounds in one process")
+    recipe = report["precision"].get("recipe", "fp32")
     lines = [
         f"{cfg['duration']:g} s clip, batch {cfg['batch']}, {cfg['steps']} steps, device {cfg['device']}, "
-        f"ours {cfg['backend']} {report['precision'].get('recipe', 'fp32')}, diffusers {cfg['torch_dtype']}, "
-        f"{report['ours']['runs']} alternating runs "
-        f"after {cfg['warmup']} warm-up",
+        f"ours {cfg['backend']} {recipe}, {how}, {cfg['runs']} timed runs after {cfg['warmup']} warm-up",
         f"hardware: {json.dumps(report['hardware'])}",
-        f"{'':<28}{'acestep-trt':>14}{'diffusers':>14}{'speed-up':>10}",
+        f"{'':<28}{'acestep-trt ' + recipe:>18}" + "".join(f"{'diffusers ' + d:>16}{'ratio':>8}" for d in dtypes),
     ]
     for label, key, f in rows:
-        speed = f"{s[key]:.2f}x" if key in s else ""
-        lines.append(f"{label:<28}{fmt(f, o[key]):>14}{fmt(f, d[key]):>14}{speed:>10}")
-    snr = report["audio_snr_db"]
-    snr_text = f"{snr:.1f} dB" if isinstance(snr, float) else snr
-    lines.append(f"audio, ours against diffusers: max |difference| {report['max_abs_audio_diff']:.2e}, SNR {snr_text}")
+        line = f"{label:<28}{fmt(f, o[key]):>18}"
+        for dtype in dtypes:
+            ratio = report["speedup"][dtype].get(key)
+            line += f"{fmt(f, report['diffusers'][dtype][key]):>16}{'' if ratio is None else f'{ratio:.2f}x':>8}"
+        lines.append(line)
+    if mode["process_peak_mb"]:
+        peaks = ", ".join(f"{name} {mb:.0f}" for name, mb in mode["process_peak_mb"].items())
+        lines.append(f"process peak RSS (MB, load included): {peaks}")
+    for dtype in dtypes:
+        audio = report["audio"][dtype]
+        snr = audio["snr_db"]
+        snr_text = f"{snr:.1f} dB" if isinstance(snr, float) else snr
+        lines.append(f"audio, ours against diffusers {dtype}: max |difference| {audio['max_abs_diff']:.2e}, "
+                     f"SNR {snr_text}")
+    lines.append("ratio = diffusers time / ours (above 1: ours is faster)")
     return "\n".join(lines)

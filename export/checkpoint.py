@@ -75,6 +75,25 @@ def inspect_checkpoint(model_dir: str | Path) -> ModelConfig:
     )
 
 
+def memory_geometry(model_dir: str | Path) -> dict:
+    """The sizes the runtime's peak-memory estimate needs (runtime/limits.py), from the component configs.
+
+    ``ModelConfig`` holds what the graphs' interfaces need; attention heads and VAE widths only matter for
+    how much memory a request takes, so they live in the manifest's ``geometry`` record.
+    """
+    model_dir = Path(model_dir)
+    dit = _read_json(model_dir / "transformer" / "config.json")
+    vae = _read_json(model_dir / "vae" / "config.json")
+    return {
+        "dit_heads": int(dit.get("num_attention_heads", 16)),
+        "dit_layers": int(dit.get("num_hidden_layers", 24)),
+        "dit_intermediate": int(dit.get("intermediate_size", 6144)),
+        "vae_decoder_channels": int(vae.get("decoder_channels", 128)),
+        "vae_channel_multiples": [int(m) for m in vae.get("channel_multiples", [1, 2, 4, 8, 16])],
+        "vae_downsampling_ratios": [int(r) for r in vae.get("downsampling_ratios", [2, 4, 4, 6, 10])],
+    }
+
+
 def scheduler_config(model_dir: str | Path) -> dict:
     """The checkpoint's scheduler config (the runtime mirrors shift and num_train_timesteps)."""
     return _read_json(Path(model_dir) / "scheduler" / "scheduler_config.json")

@@ -13,7 +13,6 @@ import json
 import logging
 import pickle
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from acestep_trt.runtime import artifacts as art
+from acestep_trt.runtime import staging as stg
 from acestep_trt.runtime.errors import InputError
 from acestep_trt.runtime.specs import (
     CONDITION_ENCODER,
@@ -36,7 +36,9 @@ from acestep_trt.runtime.specs import (
 
 from . import precision as prec
 from . import validate as val
-from .checkpoint import inspect_checkpoint, load_component, scheduler_config
+from .checkpoint import inspect_checkpoint, load_component, memory_geometry, scheduler_config
+from .children import run_in_child
+from .quantize import quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +228,8 @@ def export_artifacts(
     plan = prec.plan(precision, graph_precision)
     cfg = inspect_checkpoint(model_dir)
     _prepare_target(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    lock = stg.TargetLock(out_dir, "exporting into").acquire()  # a second export into out_dir is refused
+    staging = stg.make_staging(out_dir)  # marked with our pid; stale ones of killed exports are removed
     report = ExportReport(out_dir=out_dir, precision=plan)
     try:
         specs = all_specs(cfg)
@@ -245,12 +247,11 @@ def export_artifacts(
             bar.update()
         _write_manifest(model_dir, staging, cfg, specs, report, extra)
         _apply_umask(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        stg.publish(staging, out_dir)  # runtimes holding the old files keep them (runtime/staging.py)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        lock.release()
     return report
 
 
@@ -268,15 +269,14 @@ def _export_one(model_dir, staging, name, spec, plan, validate, report, extra, l
     alive next to the validation session: 17 GiB peak for the full-size DiT, too much for an XL model
     on a 24 GB machine. A spawned child per graph returns its memory to the system when it exits.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     log.info("exporting %s", name)
     (staging / WORK_DIR).mkdir(exist_ok=True)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
-        dtype = plan.graphs[name]
-        result = child.submit(_trace_in_child, str(model_dir), str(staging), name, validate, dtype,
-                              list(loras)).result()
+    dtype = plan.graphs[name]
+    result = run_in_child(f"tracing {name}", _trace_in_child, str(model_dir), str(staging), name, validate,
+                          prec.trace_dtype(dtype), list(loras))
+    if dtype == "int8":  # in a child of its own: quantising holds the fp32 and int8 weights at once
+        run_in_child(f"quantising {name}", quantize_int8, staging / f"{name}.onnx", name)
+        result["scalars"].pop("dit_parameters", None)  # it names fp32 initializers the quantiser replaced
     extra.update(result["scalars"])
     extra.update({key: np.load(path, mmap_mode="r") for key, path in result["arrays"].items()})  # read when written
     if validate:
@@ -359,12 +359,13 @@ def _write_side_files(model_dir: Path, staging: Path, extra: dict) -> None:
 def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
     import acestep_trt
 
-    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != stg.STAGING_MARKER)
     graphs = {}
     for name, spec in specs.items():
         graphs[name] = {"onnx": f"{name}.onnx", "opset": OPSET, "precision": report.precision.graphs[name],
                         "spec": spec.to_dict()}
-    graphs[DIT_STEP]["parameters"] = extra["dit_parameters"]  # export/weight_map.py
+    if "dit_parameters" in extra:  # export/weight_map.py; none for an int8 DiT (LoRA fused at export only)
+        graphs[DIT_STEP]["parameters"] = extra["dit_parameters"]
     graphs[DIT_STEP]["fused_lora"] = extra.get("fused_lora", [])
     manifest = {
         "format_version": art.FORMAT_VERSION,
@@ -374,6 +375,7 @@ def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
         "model": cfg.to_dict(),
         "scheduler": scheduler_config(model_dir),
         "vae": {"receptive_field_frames": int(extra["vae_receptive_field"])},
+        "geometry": memory_geometry(model_dir),  # for the runtime's peak-memory estimate (runtime/limits.py)
         "precision": report.precision.to_dict(),
         "graphs": graphs,
         "validation": [r.to_dict() for r in report.comparisons],

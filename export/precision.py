@@ -25,21 +25,24 @@ from acestep_trt.runtime.specs import CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, 
 
 # dtypes each graph may be exported in
 ALLOWED = {
-    TEXT_ENCODER: ("fp32", "bf16", "fp16"),
-    CONDITION_ENCODER: ("fp32", "bf16", "fp16"),
-    DIT_STEP: ("fp32", "bf16"),
+    TEXT_ENCODER: ("fp32", "bf16", "fp16", "int8"),
+    CONDITION_ENCODER: ("fp32", "bf16", "fp16", "int8"),
+    DIT_STEP: ("fp32", "bf16", "int8"),
     VAE_DECODER: ("fp32", "fp16"),
 }
 # Why a dtype is refused for a graph (shown in the error).
 REFUSED = {
     DIT_STEP: "an fp16 DiT overflows in its norms and residuals (upstream ACE-Step issue #1274); use bf16",
     VAE_DECODER: "ONNX Runtime's CUDA provider has no bf16 Conv (opset 20), ConvTranspose or Sin kernels, and "
-                 "TensorRT builds of bf16 ConvTranspose are reported to fail; use fp16 or fp32",
+                 "TensorRT builds of bf16 ConvTranspose are reported to fail; the int8 recipe quantises matrix "
+                 "products and the VAE has none; use fp16 or fp32",
 }
 
 RECIPES = {
     "fp32": {name: "fp32" for name in GRAPH_NAMES},
     "bf16": {TEXT_ENCODER: "bf16", CONDITION_ENCODER: "bf16", DIT_STEP: "bf16", VAE_DECODER: "fp32"},
+    # CPU deployment: int8 matrix products (export/quantize.py), fp32 everywhere else
+    "int8": {TEXT_ENCODER: "int8", CONDITION_ENCODER: "int8", DIT_STEP: "int8", VAE_DECODER: "fp32"},
 }
 
 # Validation floors against the fp32 PyTorch module (runtime.precision.MIN_SNR_DB per dtype); a reduced
@@ -176,9 +179,14 @@ def reduced_adapter(adapter, dtype: str):
     return wrapper
 
 
+def trace_dtype(dtype: str) -> str:
+    """The dtype a graph is traced in: int8 graphs are traced in fp32 and quantised afterwards."""
+    return "fp32" if dtype == "int8" else dtype
+
+
 def prepare(graph: str, adapter, dtype: str):
     """The module to trace for ``graph`` in ``dtype`` (``adapter`` itself for fp32)."""
-    if dtype == "fp32":
+    if trace_dtype(dtype) == "fp32":
         return adapter
     if graph == DIT_STEP:
         cast_dit(adapter.dit, dtype)  # the DiT adapter casts its own inputs around the fp32 islands

@@ -18,13 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ArtifactError
 from .specs import GRAPH_NAMES, GraphSpec, ModelConfig, all_specs
+from .staging import STAGING_MARKER, read_marker
 
 
 FORMAT_VERSION = 1
@@ -68,6 +70,17 @@ class Artifacts:
     manifest: dict
     config: ModelConfig
     specs: dict[str, GraphSpec]
+    identity: dict = field(default_factory=dict)  # path -> (device, inode, size, mtime) when verified
+
+    def check_unchanged(self) -> None:
+        """Refuse if a file was replaced since verification (a re-export while this process was loading).
+
+        An export renames a complete directory into place, so files opened before it stay the old ones; a file
+        opened after verification could be a new one, mixed with old ones. Call after opening everything.
+        """
+        if _identities(self.root, list(self.identity)) != self.identity:
+            raise ArtifactError(f"{self.root} was replaced (re-exported) while it was being loaded.",
+                                "load it again once the export has finished.")
 
     def graph_path(self, name: str) -> Path:
         return self.root / self.manifest["graphs"][name]["onnx"]
@@ -101,6 +114,17 @@ class Artifacts:
         return data
 
 
+def _identities(root: Path, paths: list[str]) -> dict:
+    out = {}
+    for rel in paths:
+        try:
+            st = (root / rel).stat()
+            out[rel] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[rel] = None
+    return out
+
+
 def read_manifest(root: str | Path) -> dict:
     root = Path(root)
     if not root.is_dir():
@@ -108,6 +132,12 @@ def read_manifest(root: str | Path) -> dict:
             f"artifact directory {root} does not exist.",
             "create it with `acestep-trt export MODEL_DIR ARTIFACTS_DIR`, or pass the right path.",
         )
+    marker = read_marker(root)
+    if marker is not None:  # runtime/staging.py: an export's staging directory, finished or not
+        raise ArtifactError(f"{root} is the unfinished output of an export (process {marker.get('pid', '?')}, "
+                            f"{STAGING_MARKER}), not an artifact directory.",
+                            "use the directory that export was writing, once it has finished; the next export "
+                            "into it removes this one if that process is gone.")
     path = root / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{root} has no {MANIFEST}: it is not an acestep-trt artifact directory.", _REEXPORT)
@@ -125,18 +155,29 @@ def read_manifest(root: str | Path) -> dict:
 
 def _load_cache(root: Path) -> dict:
     try:
-        return json.loads((root / VERIFIED_CACHE).read_text())
+        cache = json.loads((root / VERIFIED_CACHE).read_text())
     except (OSError, ValueError):
         return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def _save_cache(root: Path, cache: dict) -> None:
-    tmp = root / f"{VERIFIED_CACHE}.{os.getpid()}.tmp"
+    """Write the cache atomically: a unique temporary file renamed over the old one, so a concurrent reader
+    sees the old or the new file, never a partial one. Concurrent writers: the last rename wins, and an entry
+    lost that way only means that file is hashed again next time."""
     try:
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, root / VERIFIED_CACHE)
+        fd, tmp = tempfile.mkstemp(prefix=f"{VERIFIED_CACHE}.", suffix=".tmp", dir=root)
     except OSError:  # read-only artifact directory: verify again next time
-        tmp.unlink(missing_ok=True)
+        return
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(cache, fh)
+        os.replace(tmp, root / VERIFIED_CACHE)
+    except OSError:
+        pass
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _stamp(stat: os.stat_result, sha256: str) -> str:
@@ -213,5 +254,9 @@ def load_artifacts(root: str | Path, verify: bool = True, graphs: bool = True) -
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root / MANIFEST} is incomplete (missing {exc}).", _REEXPORT) from None
     _check_interfaces(root, config, specs)
+    identity = _identities(root, [MANIFEST] + [r["path"] for r in records])
     verify_files(root, records, full_hash=verify)
-    return Artifacts(root=root, manifest=manifest, config=config, specs=specs)
+    if _identities(root, list(identity)) != identity:  # replaced while we hashed
+        raise ArtifactError(f"{root} was replaced (re-exported) while it was being verified.",
+                            "load it again once the export has finished.")
+    return Artifacts(root=root, manifest=manifest, config=config, specs=specs, identity=identity)

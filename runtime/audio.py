@@ -27,6 +27,29 @@ def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def _publish(tmp: str, path: Path, overwrite: bool) -> None:
+    """Rename the finished file into place; without ``overwrite`` only if ``path`` still does not exist.
+
+    ``os.link`` fails if the name exists, atomically, so of two processes writing one new name the second
+    learns it instead of replacing the first one's file; where hard links are not supported the check and
+    the rename are two steps.
+    """
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise InputError(f"{path} was created by another process while this one was generating; it was left as "
+                         "it is and this audio was not written.",
+                         "choose another --out, or pass --overwrite.") from None
+    except OSError:  # no hard links on this file system (some network and FAT mounts)
+        if path.exists():
+            raise InputError(f"{path} was created by another process while this one was generating.",
+                             "choose another --out, or pass --overwrite.") from None
+        os.replace(tmp, path)
+
+
 def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, overwrite: bool = False) -> Path:
     """Write ``audio`` [channels, samples] float32 in [-1, 1] to a WAV or FLAC file, atomically."""
     import soundfile as sf
@@ -38,7 +61,7 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, overwrite
     try:
         sf.write(tmp, np.clip(audio.T, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
         os.chmod(tmp, default_mode())  # mkstemp files are private; give the output the user's usual mode
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

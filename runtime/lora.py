@@ -286,7 +286,13 @@ def _note_trainer_alpha(config_file: Path, adapter: LoraAdapter) -> None:
 
 def parameter_map(manifest: dict) -> dict[str, dict]:
     """The DiT's {parameter: initializer record} map from the manifest; older artifacts lack it."""
-    parameters = manifest.get("graphs", {}).get("dit_step", {}).get("parameters")
+    dit = manifest.get("graphs", {}).get("dit_step", {})
+    if dit.get("precision") == "int8":
+        raise InputError("LoRA adapters cannot be applied at generate time to an int8 DiT (export --precision int8): "
+                         "its weights are quantised.",
+                         "fuse the adapter at export (acestep-trt export MODEL_DIR OUT --precision int8 --lora PATH), "
+                         "or use an fp32 export for adapters at generate time.")
+    parameters = dit.get("parameters")
     if not parameters:
         raise ArtifactError("these artifacts have no map from DiT weights to ONNX initializers (exported before LoRA "
                             "support), so LoRA adapters cannot be applied.", _REEXPORT)

@@ -17,10 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
+from . import limits as lim
 from . import scheduler as sched
 from .artifacts import Artifacts, load_artifacts
 from .backends import GraphRunner, resolve_backend
 from .errors import InputError
+from .failures import guard_call, guard_runners
 from .prompt import TEXT2MUSIC_INSTRUCTION, format_prompt
 from .specs import CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, TEXT_ENCODER, VAE_DECODER
 from .tokenizer import TextTokenizer
@@ -67,10 +69,12 @@ def check_prompts(prompt) -> list[str]:
 
 
 def check_arguments(duration, steps=8, shift=3.0, guidance=1.0, task_type="text2music", output_type="np",
-                    cfg_start=0.0, cfg_end=1.0, timesteps=None) -> None:
+                    cfg_start=0.0, cfg_end=1.0, timesteps=None, limits: lim.Limits = lim.DEFAULT_LIMITS) -> None:
     """Validate generation arguments before any work; raises :class:`InputError` with the remedy."""
     _finite_positive(duration, "audio_duration")
     _finite_positive(steps, "num_inference_steps", int)
+    lim.check_duration(duration, limits)  # runtime/limits.py: the model's range, raised only explicitly
+    lim.check_steps(steps, limits)
     _finite_positive(shift, "shift")
     if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
         raise InputError(f"`guidance_scale` must be a finite number >= 0, got {guidance!r}.",
@@ -80,7 +84,7 @@ def check_arguments(duration, steps=8, shift=3.0, guidance=1.0, task_type="text2
                          "encoder and audio tokenizer graphs).", "use task_type='text2music'.")
     if output_type not in ("np", "latent"):
         raise InputError(f"output_type {output_type!r} is not supported.", "use 'np' or 'latent'.")
-    if not (0.0 <= cfg_start <= cfg_end <= 1.0):
+    if not all(lim._is_number(v) for v in (cfg_start, cfg_end)) or not (0.0 <= cfg_start <= cfg_end <= 1.0):
         raise InputError("cfg_interval_start/end must satisfy 0 <= start <= end <= 1.", "fix the interval.")
     if timesteps is not None:
         arr = np.asarray(timesteps, dtype=np.float64)
@@ -93,11 +97,12 @@ class AceStepRuntime:
     """Loaded graphs + constants + tokenizer of one artifact directory. Use :meth:`load`."""
 
     def __init__(self, artifacts: Artifacts, runners: dict[str, GraphRunner], backend: str, device: str,
-                 vae_window: int, device_loop: bool | None = None):
+                 vae_window: int, device_loop: bool | None = None, limits: lim.Limits | None = None):
         self.artifacts = artifacts
+        self.limits = limits or lim.DEFAULT_LIMITS  # runtime/limits.py; replace to raise them
         self.device_loop = device == "cuda" if device_loop is None else bool(device_loop)
         self.config = artifacts.config
-        self.runners = runners
+        self.runners = guard_runners(runners, device)  # backend exceptions -> BackendError (runtime/failures.py)
         self.backend = backend
         self.device = device
         self.vae_window = vae_window
@@ -117,6 +122,7 @@ class AceStepRuntime:
         device_loop: bool | None = None,
         engine_dir: str | Path | None = None,
         emulate_precision: bool = False,
+        limits: lim.Limits | None = None,
     ) -> "AceStepRuntime":
         """Verify ``artifacts_dir`` and open every graph on ``backend``/``device``.
 
@@ -125,6 +131,7 @@ class AceStepRuntime:
         ``engine_dir``: TensorRT engines (``acestep-trt build``), default ``ARTIFACTS_DIR/engines``.
         ``emulate_precision``: run reduced-precision (bf16/fp16) graphs on the CPU as fp32 arithmetic
         rounded to their dtype, to check their numerics without a GPU (refused otherwise; slower than fp32).
+        ``limits``: request limits (:class:`~acestep_trt.runtime.limits.Limits`; default: the model's range).
         """
         from .backends.ort import OrtGraph, check_device
 
@@ -143,7 +150,9 @@ class AceStepRuntime:
                                artifacts.precision(name), emulate_precision)
                 for name in GRAPH_NAMES
             }
-        return cls(artifacts, runners, kind, device, int(vae_window), device_loop)
+        runtime = cls(artifacts, runners, kind, device, int(vae_window), device_loop, limits)
+        artifacts.check_unchanged()  # every file opened is the one verified (no re-export in between)
+        return runtime
 
     @property
     def sample_rate(self) -> int:
@@ -274,6 +283,7 @@ class AceStepRuntime:
 
     # ------------------------------------------------------------------ call
 
+    @guard_call
     def __call__(
         self,
         prompt: str | Sequence[str] = None,
@@ -314,7 +324,11 @@ class AceStepRuntime:
         languages = _as_list(vocal_language, batch, "vocal_language")
         audio_duration = 60.0 if audio_duration is None else audio_duration
         check_arguments(audio_duration, num_inference_steps, shift, guidance_scale, task_type, output_type,
-                        cfg_interval_start, cfg_interval_end, timesteps)
+                        cfg_interval_start, cfg_interval_end, timesteps, self.limits)
+        lim.check_texts(prompts, lyrics_list, languages, bpm, keyscale, timesignature, max_text_length,
+                        max_lyric_length, instruction)
+        lim.check_call(self, batch, audio_duration, guidance_scale > 1.0 and not self.config.is_turbo,
+                       max_text_length, max_lyric_length)  # batch, duration and peak memory before any work
         from .lora import lora_scale
 
         scale = lora_scale(attention_kwargs)  # the LoRA scale of this call (diffusers' apply_lora_scale)

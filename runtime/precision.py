@@ -18,10 +18,13 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+# Precisions ONNX Runtime's CPU provider runs natively; the others run there only emulated (below).
+CPU_NATIVE = ("fp32", "int8")
 # Least signal-to-error ratio (dB) a reduced-precision graph's output must keep against fp32 (export
 # validation) or against ONNX Runtime (engine validation). Calibrated on random checkpoints (README).
-MIN_SNR_DB = {"bf16": 30.0, "fp16": 40.0}
+# int8 (weights int8 per channel, activations quantised per tensor at run time: export/quantize.py).
+MIN_SNR_DB = {"bf16": 30.0, "fp16": 40.0, "int8": 25.0}
 _ROUND_SUFFIX = "__emulated"
 
 

@@ -34,7 +34,7 @@ case "${1:-}" in
   bench)
     for precision in bf16 fp32; do
       for seconds in 30 240; do
-        "${cli[@]}" bench "$WORK/ckpt" "$WORK/$precision" --device cuda --torch-dtype bf16 --duration "$seconds" \
+        "${cli[@]}" bench "$WORK/ckpt" "$WORK/$precision" --device cuda --diffusers-dtype bf16 --duration "$seconds" \
           --runs 5 --warmup 2 --json "$RESULTS/bench-$precision-$seconds.json" | tee "$RESULTS/bench-$precision-$seconds.txt"
       done
     done

@@ -14,6 +14,13 @@ fi
 .venv/bin/python "${PIP[@]}" --upgrade pip
 .venv/bin/python "${PIP[@]}" "torch==2.13.0"
 .venv/bin/python "${PIP[@]}" -e ".[export,ort,triton,test]"
+# The full TensorRT bindings wheel (1.3 MB, from PyPI), downloaded, never installed: it cannot be imported
+# without TensorRT's native libraries, so tests/test_trt_real_api.py reads its extension module's strings.
+TRT_BINDINGS="tensorrt-cu13-bindings==11.4.0.106"  # keep in step with tests/real_trt.py TRT_VERSION
+if ! ls .venv/trt-wheels/tensorrt_cu13_bindings-11.4.0.106-*.whl >/dev/null 2>&1; then
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    -d .venv/trt-wheels "$TRT_BINDINGS"
+fi
 
 if [[ ! -x .venv-triton/bin/python ]]; then
   python3 -m venv .venv-triton

@@ -82,19 +82,19 @@ class FakeCudart(types.ModuleType):
         self.calls.append(("cudaStreamCreate",))
         return CudaError.cudaSuccess, FakeStream(0xC0FFEE)
 
-    def cudaMalloc(self, nbytes):
-        raw = np.zeros(int(nbytes) + 256, np.uint8)
+    def cudaMalloc(self, size):
+        raw = np.zeros(int(size) + 256, np.uint8)
         offset = -raw.ctypes.data % 256  # cudaMalloc returns 256-byte-aligned memory
-        buf = raw[offset: offset + int(nbytes)]
+        buf = raw[offset: offset + int(size)]
         ptr = buf.ctypes.data
         self.allocations[ptr] = buf
         self.mallocs += 1
-        self.calls.append(("cudaMalloc", int(nbytes)))
+        self.calls.append(("cudaMalloc", int(size)))
         return CudaError.cudaSuccess, ptr
 
-    def cudaFree(self, ptr):
-        self.calls.append(("cudaFree", ptr))
-        if self.allocations.pop(int(ptr), None) is None:
+    def cudaFree(self, devPtr):  # noqa: N803 - cuda-bindings' parameter names
+        self.calls.append(("cudaFree", devPtr))
+        if self.allocations.pop(int(devPtr), None) is None:
             return (CudaError.cudaErrorInvalidValue,)
         return (CudaError.cudaSuccess,)
 
@@ -105,14 +105,14 @@ class FakeCudart(types.ModuleType):
                 return
         raise AssertionError(f"device range {ptr:#x}+{nbytes} is outside every allocation")
 
-    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
         assert isinstance(stream, FakeStream)
         if kind in (MemcpyKind.cudaMemcpyHostToDevice, MemcpyKind.cudaMemcpyDeviceToDevice):
-            self.check_device(int(dst), nbytes)
+            self.check_device(int(dst), count)
         if kind in (MemcpyKind.cudaMemcpyDeviceToHost, MemcpyKind.cudaMemcpyDeviceToDevice):
-            self.check_device(int(src), nbytes)
-        ctypes.memmove(int(dst), int(src), int(nbytes))
-        self.calls.append(("cudaMemcpyAsync", kind.name, int(nbytes)))
+            self.check_device(int(src), count)
+        ctypes.memmove(int(dst), int(src), int(count))
+        self.calls.append(("cudaMemcpyAsync", kind.name, int(count)))
         return (CudaError.cudaSuccess,)
 
     def cudaStreamSynchronize(self, stream):
@@ -166,8 +166,8 @@ class ElementWiseOperation(enum.Enum):
 class Logger:
     VERBOSE, INFO, WARNING, ERROR = 4, 3, 2, 1
 
-    def __init__(self, severity=2):
-        self.severity = severity
+    def __init__(self, min_severity=2):
+        self.severity = min_severity
 
 
 @dataclass
@@ -204,19 +204,19 @@ class Network:
     def num_outputs(self):
         return len(self.outputs)
 
-    def get_input(self, i):
-        return self.inputs[i]
+    def get_input(self, index):
+        return self.inputs[index]
 
-    def get_output(self, i):
-        return self.outputs[i]
+    def get_output(self, index):
+        return self.outputs[index]
 
     def add_input(self, name, dtype, shape):
         tensor = Tensor(name, dtype, tuple(shape))
         self.inputs.append(tensor)
         return tensor
 
-    def add_elementwise(self, a, b, op):
-        layer = Layer(op, a, b, Tensor(f"layer{len(self.layers)}", a.dtype, a.shape))
+    def add_elementwise(self, input1, input2, op):
+        layer = Layer(op, input1, input2, Tensor(f"layer{len(self.layers)}", input1.dtype, input1.shape))
         self.layers.append(layer)
         return layer
 
@@ -231,9 +231,10 @@ class OnnxParser:
     def __init__(self, network, logger):
         self.network, self.errors = network, []
 
-    def parse_from_file(self, path):
+    def parse_from_file(self, model):
         import onnx
 
+        path = model
         FakeTrt.current.calls.append(("parse_from_file", path))
         try:
             model = onnx.load(path, load_external_data=False)
@@ -253,22 +254,27 @@ class OnnxParser:
     def num_errors(self):
         return len(self.errors)
 
-    def get_error(self, i):
-        return self.errors[i]
+    def get_error(self, index):
+        return self.errors[index]
 
 
 class OptimizationProfile:
     def __init__(self):
         self.shapes: dict[str, tuple] = {}
 
-    def set_shape(self, name, min, opt, max):  # noqa: A002 - TensorRT's keyword names
-        FakeTrt.current.calls.append(("set_shape", name, tuple(min), tuple(opt), tuple(max)))
-        self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
+    def set_shape(self, input, min, opt, max):  # noqa: A002 - TensorRT's keyword names
+        FakeTrt.current.calls.append(("set_shape", input, tuple(min), tuple(opt), tuple(max)))
+        self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
 
 
 class TimingCache:
+    """``fake-timing-cache:N`` (N entries); any other bytes stand for a cache of another TensorRT or GPU,
+    which ``set_timing_cache(cache, ignore_mismatch=False)`` refuses (returns False), as TensorRT does."""
+
     def __init__(self, data: bytes):
-        self.entries = int(data.decode().split(":")[1]) if data else 0
+        text = data.decode(errors="replace")
+        self.valid = not data or (text.startswith("fake-timing-cache:") and text.split(":")[1].isdigit())
+        self.entries = int(text.split(":")[1]) if data and self.valid else 0
 
     def serialize(self):
         return f"fake-timing-cache:{self.entries}".encode()
@@ -290,14 +296,16 @@ class BuilderConfig:
     def get_flag(self, flag):
         return flag in self.flags
 
-    def set_memory_pool_limit(self, pool, size):
-        self.pool_limits[pool] = size
+    def set_memory_pool_limit(self, pool, pool_size):
+        self.pool_limits[pool] = pool_size
 
-    def create_timing_cache(self, data):
-        FakeTrt.current.calls.append(("create_timing_cache", bytes(data)))
-        return TimingCache(bytes(data))
+    def create_timing_cache(self, serialized_timing_cache):
+        FakeTrt.current.calls.append(("create_timing_cache", bytes(serialized_timing_cache)))
+        return TimingCache(bytes(serialized_timing_cache))
 
     def set_timing_cache(self, cache, ignore_mismatch):
+        if not (cache.valid or ignore_mismatch):
+            return False
         self.timing_cache = cache
         return True
 
@@ -352,11 +360,11 @@ class Runtime:
         self.logger = logger
         self.engine_host_code_allowed = False
 
-    def deserialize_cuda_engine(self, data):
+    def deserialize_cuda_engine(self, serialized_engine):
         trt = FakeTrt.current
-        trt.calls.append(("deserialize_cuda_engine", len(data)))
+        trt.calls.append(("deserialize_cuda_engine", len(serialized_engine)))
         try:
-            plan = json.loads(bytes(data))
+            plan = json.loads(bytes(serialized_engine))
         except ValueError:
             return None
         if "VERSION_COMPATIBLE" in plan["flags"] and not self.engine_host_code_allowed:
@@ -380,8 +388,8 @@ class Engine:
     def num_io_tensors(self):
         return len(self.io)
 
-    def get_tensor_name(self, i):
-        return self.io[i][0]
+    def get_tensor_name(self, index):
+        return self.io[index][0]
 
     def _tensor(self, name):
         return next(t for t in self.io if t[0] == name)
@@ -442,9 +450,9 @@ class Context:
             self._out_shapes[key] = {k: v.shape for k, v in self._compute(dummy).items()}
         return self._out_shapes[key][name]
 
-    def set_tensor_address(self, name, ptr):
-        assert int(ptr) % 256 == 0, f"{name}: address {int(ptr):#x} is not 256-byte aligned"  # conservative
-        self.addresses[name] = int(ptr)
+    def set_tensor_address(self, name, memory):
+        assert int(memory) % 256 == 0, f"{name}: address {int(memory):#x} is not 256-byte aligned"  # conservative
+        self.addresses[name] = int(memory)
         return True
 
     def execute_async_v3(self, stream_handle):
@@ -529,23 +537,39 @@ class FakeTrt(types.ModuleType):
         self.cudart = cudart
         self.calls: list[tuple] = []
         self.builds: list[tuple] = []
-        for obj in (NetworkDefinitionCreationFlag, BuilderFlag, MemoryPoolType, DataType, TensorIOMode,
-                    ElementWiseOperation, Logger, Builder, OnnxParser, Runtime, Refitter, Weights):
+        lean = name.split(".")[0] in LEAN_NAMES
+        for obj in (BuilderFlag, MemoryPoolType, DataType, TensorIOMode, Logger, Runtime, Refitter, Weights):
             setattr(self, obj.__name__, obj)
+        if not lean:  # the lean runtime has no builder, network or parser (as tensorrt_lean_bindings 11.4)
+            for obj in (NetworkDefinitionCreationFlag, ElementWiseOperation, Builder, OnnxParser):
+                setattr(self, obj.__name__, obj)
 
     def count(self, name: str) -> int:
         return sum(1 for c in self.calls if c[0] == name)
 
 
-def install(monkeypatch, version="10.13.0.35", gpus=1, capability=(9, 0), lean=False):
-    """Put fake ``tensorrt`` (or only ``tensorrt_lean``) and cuda-bindings modules in ``sys.modules``."""
+FULL_NAMES = ("tensorrt", "tensorrt_bindings")  # as runtime/trt/libs.py looks them up
+LEAN_NAMES = ("tensorrt_lean", "tensorrt_lean_bindings")
+
+
+def block_tensorrt(monkeypatch) -> None:
+    """Make every TensorRT module unimportable (the real lean bindings are installed in the test venv)."""
     import sys
 
+    for name in FULL_NAMES + LEAN_NAMES:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def install(monkeypatch, version="10.13.0.35", gpus=1, capability=(9, 0), lean=False, name=None):
+    """Put a fake TensorRT (``tensorrt``, or only the lean ``tensorrt_lean``; ``name`` picks another module name,
+    e.g. ``tensorrt_bindings``) and cuda-bindings in ``sys.modules``; every other TensorRT name is blocked."""
+    import sys
+
+    name = name or ("tensorrt_lean" if lean else "tensorrt")
     cudart = FakeCudart(gpus=gpus, capability=capability)
-    trt = FakeTrt(version, cudart, name="tensorrt_lean" if lean else "tensorrt")
+    trt = FakeTrt(version, cudart, name=name)
     FakeTrt.current = trt
-    monkeypatch.setitem(sys.modules, "tensorrt_lean" if lean else "tensorrt", trt)
-    if lean:
-        monkeypatch.setitem(sys.modules, "tensorrt", None)  # the full TensorRT is absent
+    block_tensorrt(monkeypatch)
+    monkeypatch.setitem(sys.modules, name, trt)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
     return trt, cudart

@@ -1,4 +1,4 @@
-"""The benchmark runs both sides on the same noise and reports medians; no timing is asserted here."""
+"""The benchmark runs every side on the same noise and reports medians; no timing is asserted here."""
 
 from __future__ import annotations
 
@@ -8,22 +8,52 @@ from click.testing import CliRunner
 
 from acestep_trt.cli import main
 
+SHORT = ["--duration", "0.6", "--steps", "3"]
 
-def test_bench_reports_both_sides(tiny, tmp_path):
+
+def _bench(tiny, tmp_path, *extra):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", str(tiny.checkpoint), str(tiny.artifacts), "--duration", "0.6",
-                                       "--runs", "2", "--steps", "3", "--json", str(out)])
+    result = CliRunner().invoke(main, ["bench", str(tiny.checkpoint), str(tiny.artifacts), *SHORT, "--json",
+                                       str(out), *extra])
     assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    for side in ("ours", "diffusers"):
-        assert report[side]["runs"] == 2
-        assert report[side]["end_to_end_s"] > 0 and report[side]["dit_step_s"] > 0
-    assert set(report["speedup"]) >= {"end_to_end_s", "dit_step_s", "decode_s"}
-    assert report["max_abs_audio_diff"] < 1e-4  # same noise, same audio
-    assert report["audio_snr_db"] > 80.0
+    return json.loads(out.read_text()), result.output
+
+
+def test_bench_reports_every_side(tiny, tmp_path):
+    """On the CPU the default diffusers sides are fp32 and bf16, alternating with ours in one process."""
+    report, output = _bench(tiny, tmp_path, "--runs", "2")
+    assert report["config"]["diffusers_dtypes"] == ["fp32", "bf16"]
+    assert not report["mode"]["separate_processes"]
+    for side in (report["ours"], *report["diffusers"].values()):
+        assert side["runs"] == 2
+        assert side["end_to_end_s"] > 0 and side["dit_step_s"] > 0
+        assert side["gpu_peak_mb"] is None  # CPU run
+    for dtype in ("fp32", "bf16"):
+        assert set(report["speedup"][dtype]) >= {"end_to_end_s", "dit_step_s", "decode_s"}
+    assert report["audio"]["fp32"]["max_abs_diff"] < 1e-4  # same noise, same audio
+    assert report["audio"]["fp32"]["snr_db"] > 80.0
+    assert 5.0 < report["audio"]["bf16"]["snr_db"] < 80.0  # diffusers in bf16 is close, not equal
     assert report["precision"]["recipe"] == "fp32"
-    assert report["ours"]["gpu_peak_mb"] is None and report["diffusers"]["gpu_peak_mb"] is None  # CPU run
-    assert "speed-up" in result.output
+    assert "diffusers bf16" in output and "ratio" in output
+
+
+def test_bench_in_separate_processes(tiny, tmp_path):
+    report, output = _bench(tiny, tmp_path, "--runs", "1", "--warmup", "0", "--diffusers-dtype", "fp32",
+                            "--separate-processes")
+    mode = report["mode"]
+    assert mode["separate_processes"] and "one process per side" in output
+    assert set(mode["process_peak_mb"]) == {"acestep-trt", "diffusers fp32"}
+    assert all(mb > 50 for mb in mode["process_peak_mb"].values())
+    assert report["audio"]["fp32"]["max_abs_diff"] < 1e-4
+
+
+def test_memory_plan_counts_parameters_per_dtype(tiny):
+    from acestep_trt.export.bench import _checkpoint_parameters, memory_plan
+
+    params = _checkpoint_parameters(tiny.checkpoint)
+    assert params > 0
+    fits, reason = memory_plan(tiny.checkpoint, tiny.artifacts, ("fp32", "bf16"))
+    assert fits and "GB available" in reason
 
 
 def test_bench_refuses_bad_arguments(tiny, tmp_path):

@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -123,19 +124,43 @@ def test_orchestrator_config(repository):
     assert {o.name: list(o.dims) for o in config.output} == {"audio": [2, -1], "sample_rate": [1]}
 
 
-def test_engine_repository_configs(tiny, tmp_path):
-    """--engines writes tensorrt_plan models on KIND_GPU (configs only: no TensorRT server here)."""
+def test_engine_repository_configs(tiny, tmp_path, monkeypatch):
+    """--engines writes tensorrt_plan models on KIND_GPU with the engines' batch and VAE window (engines.json).
+
+    Configs only: the engines come from the fake TensorRT (tests/fake_trt.py), no TensorRT server here.
+    """
+    import json
+
+    from acestep_trt.runtime.errors import ArtifactError
+    from acestep_trt.runtime.trt.builder import build_engines
+    from acestep_trt.runtime.trt.profiles import ProfileRequest
+
+    from . import fake_trt
+
+    fake_trt.install(monkeypatch)
     engines = tmp_path / "engines"
-    engines.mkdir()
-    for graph in GRAPH_NAMES:
-        (engines / f"{graph}.plan").write_bytes(b"engine:" + graph.encode())
-    repo = write_repository(tiny.artifacts, tmp_path / "repo", RepositoryOptions(engines=engines, max_batch=2))
+    request = ProfileRequest(min_duration=0.5, opt_duration=1.0, max_duration=4.0, max_batch=2, max_lyric_len=64,
+                             vae_window=64)
+    build_engines(tiny.artifacts, engines, request)
+    repo = write_repository(tiny.artifacts, tmp_path / "repo", RepositoryOptions(engines=engines))
     for graph in GRAPH_NAMES:
         config = _parse(repo / graph / "config.pbtxt")
-        assert config.platform == "tensorrt_plan" and config.max_batch_size == 2
+        assert config.platform == "tensorrt_plan" and config.max_batch_size == 2  # the engines' --max-batch
         assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
-        assert (repo / graph / "1" / "model.plan").read_bytes() == b"engine:" + graph.encode()
+        assert (repo / graph / "1" / "model.plan").read_bytes() == (engines / f"{graph}.plan").read_bytes()
         assert not (repo / graph / "1" / "model.onnx").exists()
+    assert json.loads((repo / "acestep" / "1" / "orchestrator.json").read_text())["vae_window"] == 64
+    smaller = write_repository(tiny.artifacts, tmp_path / "repo1", RepositoryOptions(engines=engines, max_batch=1))
+    assert _parse(smaller / DIT_STEP / "config.pbtxt").max_batch_size == 1
+    result = CliRunner().invoke(main, ["triton", str(tiny.artifacts), str(tmp_path / "repo2"), "--engines",
+                                       str(engines), "--max-batch", "3"])
+    assert result.exit_code == InputError.exit_code and not (tmp_path / "repo2").exists()
+    assert "--max-batch 3 exceeds what the engines" in result.output and "(2)" in result.output
+    with pytest.raises(InputError, match="--vae-window 128 exceeds"):
+        write_repository(tiny.artifacts, tmp_path / "repo3", RepositoryOptions(engines=engines, vae_window=128))
+    (engines / "engines.json").unlink()  # plans without a manifest: their profiles are unknown
+    with pytest.raises(ArtifactError, match="engines.json is missing"):
+        write_repository(tiny.artifacts, tmp_path / "repo4", RepositoryOptions(engines=engines))
 
 
 def test_guided_checkpoint_doubles_dit_batch(variant, tmp_path):
@@ -276,24 +301,123 @@ def test_audio_equals_runtime(server, runtime, protocol):
     assert np.max(np.abs(audio - expected.audios[0])) <= 1e-4
 
 
-def test_concurrent_clients(server, runtime):
-    """8 clients x 5 requests, HTTP and gRPC mixed, same-seed requests identical (no cross-talk)."""
+def _server_rss(server) -> int:
+    """Resident bytes of tritonserver and its python-backend stubs (its process group)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == server.process.pid:  # field 5: process group
+                total += int((stat.parent / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+BAD_KINDS = [  # (inputs, what the error must say)
+    ([("prompt", "BYTES", np.array([b"piano"], dtype=object)),
+      ("audio_duration", "FP32", np.array([-3.0], np.float32))], "audio_duration"),
+    ([("prompt", "BYTES", np.array([b"piano"], dtype=object)),
+      ("audio_duration", "FP32", np.array([100000.0], np.float32))], "600 s limit"),
+    ([("prompt", "BYTES", np.array([b"  "], dtype=object))], "prompt"),
+    ([("prompt", "BYTES", np.array([b"piano"], dtype=object)),
+      ("num_inference_steps", "INT64", np.array([10**6], np.int64))], "num_inference_steps"),
+    ([("prompt", "BYTES", np.array([b"piano"], dtype=object)), ("bpm", "INT64", np.array([-5], np.int64))], "bpm"),
+    ([("prompt", "BYTES", np.array([b"\xff\xfe"], dtype=object))], "UTF-8"),
+    ([("prompt", "BYTES", np.array([b"piano"], dtype=object)), ("seed", "INT64", np.array([-1], np.int64))], "seed"),
+    ([("prompt", "BYTES", np.array([b"piano", b"two"], dtype=object))], "Expected [1]"),  # Triton refuses it
+]
+
+
+def test_concurrent_clients_with_bad_requests(server, runtime):
+    """8 clients x 5 requests, HTTP and gRPC mixed, one in five bad (mixed kinds): every good one equals the
+    runtime's audio (same seeds, no cross-talk), every bad one gets its own clear error, and the server's
+    resident memory afterwards is within 10% of its value before."""
+    from tritonclient.utils import InferenceServerException
+
     barrier = threading.Barrier(8)
 
-    def client(index: int) -> list[np.ndarray]:
+    def warm(index: int):
+        barrier.wait(timeout=60)
+        return request_audio(server.http_url, "http", seed=1, timeout=300, **REQUEST)[0]
+
+    with ThreadPoolExecutor(8) as pool:  # every model instance has seen these shapes before measuring
+        [f.result(timeout=600) for f in [pool.submit(warm, i) for i in range(8)]]
+    before = _server_rss(server)
+
+    def client(index: int) -> list:
         protocol = "grpc" if index % 2 else "http"
         url = server.grpc_url if protocol == "grpc" else server.http_url
         barrier.wait(timeout=60)
-        return [request_audio(url, protocol, seed=100 + (index + k) % 3, timeout=300, **REQUEST)[0]
-                for k in range(5)]
+        results = []
+        for k in range(5):
+            if k == index % 5:
+                inputs, needle = BAD_KINDS[index % len(BAD_KINDS)]
+                try:
+                    _raw_infer(server, inputs)
+                    results.append(("unexpected success", needle))
+                except InferenceServerException as exc:
+                    results.append((exc.message(), needle))
+            else:
+                results.append(request_audio(url, protocol, seed=100 + (index + k) % 3, timeout=300, **REQUEST)[0])
+        return results
 
     with ThreadPoolExecutor(8) as pool:
         results = [f.result(timeout=600) for f in [pool.submit(client, i) for i in range(8)]]
-    assert sum(len(r) for r in results) == 40
+    after = _server_rss(server)
     reference = {s: runtime(seed=s, show_progress=False, **REQUEST).audios[0] for s in (100, 101, 102)}
-    for index, audios in enumerate(results):
-        for k, audio in enumerate(audios):
-            assert np.max(np.abs(audio - reference[100 + (index + k) % 3])) <= 1e-4
+    good = bad = 0
+    for index, items in enumerate(results):
+        for k, item in enumerate(items):
+            if k == index % 5:
+                message, needle = item
+                assert needle in message and "Traceback" not in message, (index, message)
+                bad += 1
+            else:
+                assert np.max(np.abs(item - reference[100 + (index + k) % 3])) <= 1e-4
+                good += 1
+    assert (good, bad) == (32, 8)
+    assert server.alive()
+    assert abs(after - before) <= 0.10 * before, (before, after)
+
+
+def test_request_past_its_time_limit_stops(server):
+    """A request with Triton's own timeout (microseconds) stops at its next graph call, long before its end."""
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    from acestep_trt.runtime.triton.client import build_inputs
+
+    client = grpc.InferenceServerClient(server.grpc_url)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(InferenceServerException, match="time limit of 0.5 s"):
+            client.infer("acestep", build_inputs(grpc, **{**REQUEST, "num_inference_steps": 1000}), timeout=500_000)
+        assert time.perf_counter() - started < 10  # 1000 steps take far longer
+    finally:
+        client.close()
+
+
+def test_request_that_outlives_its_client_stops(server):
+    """A gRPC client that gives up (deadline) cancels the request; the orchestrator stops and logs it."""
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    from acestep_trt.runtime.triton.client import build_inputs
+
+    client = grpc.InferenceServerClient(server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException, match="(?i)deadline"):
+            client.infer("acestep", build_inputs(grpc, **{**REQUEST, "num_inference_steps": 1000}),
+                         client_timeout=1.0)
+    finally:
+        client.close()
+    deadline = time.monotonic() + 30
+    while "cancelled by its client" not in server.log_tail(20000):
+        assert time.monotonic() < deadline, server.log_tail(3000)
+        time.sleep(0.2)
+    audio, _ = request_audio(server.http_url, "http", seed=1, **REQUEST)  # and the server carries on
+    assert audio.shape == (2, 48000)
 
 
 def _raw_infer(server, inputs: list[tuple[str, str, np.ndarray]]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -106,7 +107,7 @@ def test_profile_check_names_range_and_rebuild_command():
 
 
 def test_build_without_tensorrt_is_one_clear_message(arts, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on this machine: `import tensorrt` fails
+    fake_trt.block_tensorrt(monkeypatch)  # as on this machine: only the lean bindings, and they are blocked too
     result = CliRunner().invoke(main, ["build", str(arts)])
     assert result.exit_code == BackendError.exit_code
     assert "TensorRT is not installed" in result.output and "pip install tensorrt-cu13" in result.output
@@ -161,6 +162,17 @@ def test_build_records_calls_profiles_and_manifest(arts, fakes):
         assert rec["onnx_precision"] == "fp32"
         assert set(rec["profile"]["inputs"]) == {t["name"] for t in specs[name]["inputs"]}
     assert manifest["graphs"]["dit_step"]["profile"]["dims"]["latent_len"] == {"min": 13, "opt": 25, "max": 100}
+
+
+def test_build_warns_about_operators_outside_the_documented_support(arts, fakes, monkeypatch, caplog):
+    from acestep_trt.runtime.trt import onnx_support
+
+    monkeypatch.setattr(onnx_support, "unsupported", lambda path: ["CumSum on INT64 (node 'n')"] if
+                        path.name == "text_encoder.onnx" else [])
+    with caplog.at_level("WARNING"):
+        build_engines(arts, request=SMALL)
+    assert "text_encoder.onnx: CumSum on INT64 (node 'n')" in caplog.text
+    assert caplog.text.count("CumSum") == 1
 
 
 def test_build_is_idempotent_and_rebuilds_only_what_changed(arts, fakes):
@@ -228,6 +240,52 @@ def test_version_compatible_engines_run_on_later_tensorrt_and_lean(arts, monkeyp
         _load(arts)
 
 
+def test_version_compatible_rule_is_nvidias(arts, monkeypatch):
+    """Same major and later, or 10 -> 11 / 8 -> 10 (TensorRT 11.4 support matrix); never older, never 10 -> 12."""
+    from acestep_trt.runtime.trt.manifest import version_compatible_runs
+
+    assert version_compatible_runs("11.4.0.106", "11.5.0.1") is None
+    assert version_compatible_runs("10.13.0.35", "11.4.0.106") is None and version_compatible_runs("8.6.1", "10.0") is None
+    assert "newer than this TensorRT 11.4.0" in version_compatible_runs("11.4.1", "11.4.0")
+    assert "predates version compatibility" in version_compatible_runs("8.5.3", "8.6.1")
+    assert "not on TensorRT 11.4.0" in version_compatible_runs("8.6.1", "11.4.0")
+    fake_trt.install(monkeypatch, version="10.13.0.35")
+    build_engines(arts, request=SMALL, version_compatible=True)
+    fake_trt.install(monkeypatch, version="12.0.0.1")
+    with pytest.raises(ArtifactError, match=r"TensorRT 10 on TensorRT 10\.x and 11\.x only, not on TensorRT 12"):
+        _load(arts)
+
+
+def test_tensorrt_found_under_the_wheels_module_names(arts, monkeypatch):
+    """The PyPI wheels install `tensorrt_bindings` / `tensorrt_lean_bindings`, not `tensorrt` / `tensorrt_lean`."""
+    from acestep_trt.runtime.trt.libs import import_tensorrt, is_lean
+
+    trt, _ = fake_trt.install(monkeypatch, name="tensorrt_bindings")
+    assert import_tensorrt() is trt and not is_lean(trt)
+    build_engines(arts, request=SMALL)  # builds through tensorrt_bindings
+    lean, _ = fake_trt.install(monkeypatch, name="tensorrt_lean_bindings")
+    assert import_tensorrt(lean_ok=True) is lean and is_lean(lean)
+    with pytest.raises(ArtifactError, match="only the TensorRT lean runtime is installed"):
+        _load(arts)  # the lean runtime runs version-compatible engines only
+    with pytest.raises(BackendError, match="TensorRT is not installed"):
+        import_tensorrt()  # a build needs the full TensorRT
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # PyPI's placeholder package
+    with pytest.raises(BackendError, match="tensorrt: no Builder"):
+        import_tensorrt()
+
+
+def test_a_timing_cache_tensorrt_refuses_is_replaced(arts, fakes, tmp_path, caplog):
+    """set_timing_cache(cache, ignore_mismatch=False) returns False for another TensorRT/GPU's cache: start anew."""
+    trt, _ = fakes
+    cache = tmp_path / "other-gpu.cache"
+    cache.write_bytes(b"\x00timing cache of another GPU")
+    with caplog.at_level("WARNING"):
+        build_engines(arts, request=SMALL, timing_cache=cache)
+    assert "does not match this TensorRT and GPU" in caplog.text and str(cache) in caplog.text
+    assert cache.read_bytes() == f"fake-timing-cache:{len(ENGINE_NAMES)}".encode()  # replaced by the new one
+    assert all(config.timing_cache is not None and config.timing_cache.valid for _, config in trt.builds)
+
+
 def test_lean_runtime_refuses_engines_that_are_not_version_compatible(arts, monkeypatch):
     fake_trt.install(monkeypatch)
     build_engines(arts, request=SMALL)
@@ -274,8 +332,7 @@ def test_refuses_corrupted_or_missing_engines(arts, fakes):
 def test_trt_backend_needs_cuda_device_and_tensorrt(arts, monkeypatch):
     with pytest.raises(BackendError, match="GPU only"):
         resolve_backend("trt", "cpu")
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setitem(sys.modules, "tensorrt_lean", None)
+    fake_trt.block_tensorrt(monkeypatch)
     with pytest.raises(BackendError, match="TensorRT is not installed.*--backend ort"):
         _load(arts)
 
@@ -367,8 +424,7 @@ def test_auto_picks_trt_when_engines_fit_else_ort(arts, monkeypatch):
     assert resolve_backend("auto", "cuda", arts, arts / "elsewhere") == "ort"
     fake_trt.install(monkeypatch, capability=(8, 0))  # engines for another GPU: not usable here
     assert resolve_backend("auto", "cuda", arts) == "ort"
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setitem(sys.modules, "tensorrt_lean", None)
+    fake_trt.block_tensorrt(monkeypatch)
     assert resolve_backend("auto", "cuda", arts) == "ort"
 
 
@@ -386,9 +442,13 @@ def test_engine_dir_option(arts, fakes, tmp_path):
 
 
 def _real_trt_available() -> bool:
+    """The full TensorRT (as `tensorrt` or the wheel's `tensorrt_bindings`) and cuda-bindings."""
     try:
-        import tensorrt  # noqa: F401
         from cuda.bindings import runtime  # noqa: F401
+
+        from acestep_trt.runtime.trt.libs import import_tensorrt
+
+        import_tensorrt()
     except Exception:  # noqa: BLE001
         return False
     return True
@@ -470,6 +530,50 @@ def test_engine_validation_reports_a_differing_engine(built, fakes, monkeypatch)
                                        "--max-duration", "4", "--max-lyric-len", "512"])
     assert result.exit_code == 5, result.output
     assert "FAIL" in result.output and "differ from ONNX Runtime beyond tolerance" in result.output
+
+
+def test_engine_validation_floors_per_precision():
+    """SNR floors like the export's: by the graph's ONNX dtype when reduced, else by the build precision."""
+    from acestep_trt.runtime.trt.validate import engine_floor, parse_tolerances
+
+    assert engine_floor("dit_step", "fp32", "fp32", {}) == 60.0 and engine_floor("dit_step", "fp32", "tf32", {}) == 40.0
+    assert engine_floor("dit_step", "bf16", "fp32", {}) == 30.0 and engine_floor("vae_decoder", "fp16", "tf32", {}) == 40.0
+    overrides = parse_tolerances(["20", "dit_step=25"])
+    assert overrides == {"*": 20.0, "dit_step": 25.0}
+    assert engine_floor("dit_step", "fp32", "fp32", overrides) == 25.0
+    assert engine_floor("vae_decoder", "fp32", "fp32", overrides) == 20.0
+    for bad in ("loud", "unet=3", "dit_step=", "nan"):
+        with pytest.raises(InputError, match="DB or GRAPH=DB"):
+            parse_tolerances([bad])
+
+
+def test_engine_validation_tolerance_override_and_nan(built, fakes, monkeypatch):
+    """A slightly different engine (80 dB) passes the fp32 floor (60 dB), fails --validate-tolerance 90;
+    NaN fails even at --validate-tolerance 0; a malformed value is refused before building."""
+    original = fake_trt.Context._compute
+    poison = {}
+
+    def skewed(self, feeds):
+        out = original(self, feeds)
+        out = {k: (v * np.float32(1 + 1e-4) if v.dtype == np.float32 else v) for k, v in out.items()}
+        if poison and "velocity" in out:
+            out["velocity"].flat[0] = np.nan
+        return out
+
+    monkeypatch.setattr(fake_trt.Context, "_compute", skewed)
+    args = ["build", str(built), "--min-duration", "0.5", "--opt-duration", "1", "--max-duration", "4",
+            "--max-lyric-len", "512"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert ">=60 dB" in result.output and "not calibrated" in result.output and "FAIL" not in result.output
+    result = CliRunner().invoke(main, [*args, "--validate-tolerance", "90"])
+    assert result.exit_code == 5 and "FAIL" in result.output and "limit >=90 dB" in result.output
+    poison["on"] = True
+    result = CliRunner().invoke(main, [*args, "--validate-tolerance", "0"])
+    assert result.exit_code == 5 and "dit_step.velocity" in result.output and "SNR nan dB" in result.output
+    builds = len(fakes[0].builds)
+    result = CliRunner().invoke(main, [*args, "--force", "--validate-tolerance", "dit=3"])
+    assert result.exit_code == InputError.exit_code and len(fakes[0].builds) == builds
 
 
 def test_close_releases_device_memory(built, fakes):

@@ -3,8 +3,12 @@
 Mirrors ``AceStepConditionEncoder.forward`` (modeling_ace_step.py) with two export-safe rewrites:
 - the pipeline always sends one timbre reference per batch item (``refer_audio_order_mask = arange(B)``),
   so ``unpack_timbre_embeddings`` (``.item()``/``bincount``, untraceable) reduces to ``pooled[:, None]``;
-- ``_pack_sequences`` uses a stable descending argsort of the mask (no ONNX export); sorting the unique
-  key ``invalid * L + position`` ascending gives the same permutation without needing stability.
+- ``_pack_sequences`` uses a stable descending argsort of the mask. An argsort exports as ``TopK`` with
+  K = the packed length, and TensorRT's ONNX parser documents K < 3840 (runtime/trt/tensorrt_onnx_operators.json),
+  which lyric length + text length + 1 crosses once the maximum lengths are raised. The stable sort of a 0/1
+  mask is computed without sorting instead: a valid token goes to "valid tokens before it", an invalid one to
+  "all valid tokens + invalid tokens before it" (counts by CumSum in float32, exact below 2**24 tokens), and
+  the inverse of that permutation is scattered, then gathered as before. Same permutation, no TopK.
 """
 
 from __future__ import annotations
@@ -14,13 +18,21 @@ from torch import nn
 
 
 def pack_sequences(h1: torch.Tensor, h2: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor):
-    """Valid tokens first, order kept. h: [B, L_i, D], m: [B, L_i] long -> ([B, L, D], [B, L] bool)."""
-    hidden = torch.cat([h1, h2], dim=1)
-    mask = torch.cat([m1, m2], dim=1)
+    """Valid tokens first, order kept. h: [B, L_i, D], m: [B, L_i] long -> ([B, L, D], [B, L] bool).
+
+    Equals diffusers' ``_pack_sequences`` (modeling_ace_step.py: ``mask.argsort(descending=True, stable=True)``
+    then ``gather``) without a sort; see the module docstring.
+    """
+    hidden = torch.cat([h1, h2], dim=1)  # [B, L, D]
+    mask = torch.cat([m1, m2], dim=1)  # [B, L] 0/1
     length = hidden.shape[1]
-    position = torch.arange(length, device=hidden.device).unsqueeze(0)
-    key = (1 - mask) * length + position  # unique per row: valid tokens (mask=1) sort first, stable
-    order = torch.argsort(key, dim=1)
+    position = torch.arange(length, device=hidden.device).unsqueeze(0).expand_as(mask)  # [B, L]
+    valid = mask.to(torch.float32)  # float32: TensorRT documents CumSum for FP32/FP16/BF16, not INT64
+    valid_before = torch.cumsum(valid, dim=1) - valid  # [B, L] valid tokens before position i
+    invalid_before = position.to(torch.float32) - valid_before  # [B, L] invalid tokens before position i
+    n_valid = valid.sum(dim=1, keepdim=True)  # [B, 1]
+    dest = torch.where(mask.bool(), valid_before, n_valid + invalid_before).to(torch.int64)  # [B, L] permutation
+    order = torch.zeros_like(dest).scatter(1, dest, position)  # [B, L]: order[b, dest[b, i]] = i (the argsort)
     packed = torch.gather(hidden, 1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     new_mask = position < mask.sum(dim=1, keepdim=True)
     return packed, new_mask

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, BackendError
+from ..precision import CPU_NATIVE
 from ..specs import GraphSpec
 
 
@@ -55,8 +56,17 @@ def _session(path: Path, options, providers: list[str]):
 
 
 def _check_precision(name: str, precision: str, device: str, emulate: bool) -> bool:
-    """Whether ``name`` must run emulated (a reduced-precision graph on the CPU); refuse it unless allowed."""
-    if precision == "fp32" or device != "cpu":
+    """Whether ``name`` must run emulated (a bf16/fp16 graph on the CPU); refuse it unless allowed.
+
+    int8 graphs (the CPU recipe) run natively on the CPU and are refused on CUDA: their fused dynamic
+    quantisation kernels are ONNX Runtime CPU contrib ops, and this path has not run on a GPU.
+    """
+    if precision == "int8" and device != "cpu":
+        raise BackendError(
+            f"{name} was exported with the int8 recipe (export --precision int8), a CPU deployment recipe.",
+            "use --device cpu for it, or export again with --precision bf16 (or fp32) for the GPU.",
+        )
+    if precision in CPU_NATIVE or device != "cpu":
         return False
     if not emulate:
         raise BackendError(
@@ -184,6 +194,7 @@ def _ort_initializers(ort, values: dict[str, np.ndarray], emulated: bool) -> tup
 
 def checking_graph(path: Path, spec: GraphSpec, precision: str) -> OrtGraph:
     """``path`` in ONNX Runtime as the reference for a validation: fp32 graphs on the CPU provider (no
-    TF32); reduced-precision graphs natively on CUDA when onnxruntime-gpu is present, else emulated on the CPU."""
-    device = "cuda" if precision != "fp32" and cuda_available() else "cpu"
+    TF32); bf16/fp16 graphs natively on CUDA when onnxruntime-gpu is present, else emulated on the CPU; int8
+    graphs natively on the CPU."""
+    device = "cuda" if precision not in CPU_NATIVE and cuda_available() else "cpu"
     return OrtGraph(path, spec, device, precision=precision, emulate=True)

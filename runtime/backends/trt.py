@@ -22,7 +22,7 @@ import numpy as np
 from ..artifacts import Artifacts, read_manifest
 from ..errors import AceStepError, ArtifactError, BackendError
 from ..specs import DIT_STEP, GRAPH_NAMES, GraphSpec
-from ..trt.libs import NO_GPU, check_cuda, gpu_info, import_cudart, import_tensorrt
+from ..trt.libs import NO_GPU, check_cuda, gpu_info, import_cudart, import_tensorrt, is_lean
 from ..trt.manifest import ENGINE_MANIFEST, EngineManifest, default_engine_dir, verify_engines
 from ..trt.profiles import GraphProfile, rebuild_args
 from ..vae import DEFAULT_VAE_WINDOW
@@ -326,7 +326,7 @@ def load_engines(artifacts: Artifacts, engine_dir: str | Path | None = None, vae
 
 def _check_runtime_fits(trt, manifest: EngineManifest, vae_window: int, artifacts_dir, engine_dir) -> None:
     """The lean runtime runs only version-compatible engines; the VAE engine fixes the largest window."""
-    if getattr(trt, "__name__", "tensorrt") == "tensorrt_lean" and not manifest.version_compatible:
+    if is_lean(trt) and not manifest.version_compatible:
         raise ArtifactError(
             f"only the TensorRT lean runtime is installed, and the engines in {engine_dir} are not "
             "version-compatible.", "rebuild them with `acestep-trt build ARTIFACTS_DIR --version-compatible`, or "
@@ -352,7 +352,7 @@ def engines_usable(artifacts_dir: str | Path, engine_dir: str | Path | None = No
         gpu = gpu_info(import_cudart())
         manifest = verify_engines(engine_dir, artifacts_dir, read_manifest(artifacts_dir), GRAPH_NAMES,
                                   str(trt.__version__), gpu.compute_capability, full_hash=False)
-        if getattr(trt, "__name__", "tensorrt") == "tensorrt_lean" and not manifest.version_compatible:
+        if is_lean(trt) and not manifest.version_compatible:
             return "only the lean TensorRT runtime is installed and the engines are not version-compatible"
     except AceStepError as err:
         return err.problem

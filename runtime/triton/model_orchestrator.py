@@ -17,7 +17,12 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402  (exists only inside the python backend)
 
 from acestep_trt.runtime.errors import AceStepError  # noqa: E402
-from acestep_trt.runtime.triton.serving import generate, load_orchestrator, request_kwargs  # noqa: E402
+from acestep_trt.runtime.triton.serving import (  # noqa: E402
+    generate,
+    load_orchestrator,
+    request_kwargs,
+    watch_request,
+)
 
 
 class TritonPythonModel:
@@ -32,7 +37,10 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 
-        audio, rate = generate(self.runtime, request_kwargs(get))
+        kwargs = request_kwargs(get)  # refused before any graph call (runtime/limits.py, in the runtime too)
+        timeout_us = request.timeout() if hasattr(request, "timeout") else 0
+        watch_request(self.runtime, getattr(request, "is_cancelled", lambda: False), timeout_us)
+        audio, rate = generate(self.runtime, kwargs)
         outputs = [pb_utils.Tensor("audio", audio), pb_utils.Tensor("sample_rate", np.array([rate], dtype=np.int64))]
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
@@ -42,6 +50,7 @@ class TritonPythonModel:
             try:
                 responses.append(self._one(request))
             except AceStepError as err:
+                pb_utils.Logger.log_info(f"acestep: request refused or stopped: {err}")
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
             except Exception as err:  # noqa: BLE001  one request's failure must not take the model down
                 pb_utils.Logger.log_error(f"acestep: unexpected {type(err).__name__}: {err}")

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifacts import Artifacts, load_artifacts, sha256_file
+from .. import staging as stg
 from ..errors import ArtifactError, InputError
 from ..specs import DIT_STEP, GRAPH_NAMES
 from . import config as tc
+from .engines import fit_options
 from .serving import ARTIFACTS_SUBDIR, ORCHESTRATOR_JSON
 
 log = logging.getLogger(__name__)
@@ -48,20 +48,30 @@ _RUNTIME_ROOT = Path(__file__).resolve().parent.parent  # .../acestep_trt/runtim
 
 @dataclass(frozen=True)
 class RepositoryOptions:
-    """``instances`` per model, ``max_batch`` per graph model, optional engine directory and ONNX shim."""
+    """``instances`` per model, ``max_batch`` per graph model, optional engine directory and ONNX shim.
+
+    ``max_batch`` / ``vae_window`` left at None: 8 and 256, or with ``engines`` the values the engines were
+    built for (``engines.json``; see :mod:`.engines`).
+    """
 
     engines: Path | None = None
     instances: int = 1
-    max_batch: int = 8
+    max_batch: int | None = None
     python_onnx_shim: bool = False
-    vae_window: int = 256
+    vae_window: int | None = None
+    request_timeout: float = 900.0  # seconds a request may run in the orchestrator (0: no limit)
 
 
 def _check_options(options: RepositoryOptions) -> None:
     for name in ("instances", "max_batch", "vae_window"):
         value = getattr(options, name)
+        if value is None and name != "instances":
+            continue  # filled in by engines.fit_options
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InputError(f"`{name}` must be a positive integer, got {value!r}.", f"pass {name} >= 1.")
+    if not isinstance(options.request_timeout, (int, float)) or not 0 <= options.request_timeout < float("inf"):
+        raise InputError(f"`request_timeout` must be a number of seconds >= 0, got {options.request_timeout!r}.",
+                         "pass e.g. --request-timeout 900 (0: no limit).")
     if options.engines is not None and options.python_onnx_shim:
         raise InputError("the python ONNX shim serves ONNX graphs; it cannot be combined with --engines.",
                          "drop one of --engines and --python-onnx-shim.")
@@ -123,7 +133,8 @@ def _write_orchestrator(artifacts: Artifacts, root: Path, options: RepositoryOpt
     (root / tc.ORCHESTRATOR / "config.pbtxt").write_text(
         tc.orchestrator_config(artifacts.config, options.instances), encoding="utf-8")
     shutil.copy2(Path(__file__).with_name("model_orchestrator.py"), version / "model.py")
-    settings = {"graph_models": {g: g for g in GRAPH_NAMES}, "vae_window": options.vae_window}
+    settings = {"graph_models": {g: g for g in GRAPH_NAMES}, "vae_window": options.vae_window,
+                "request_timeout_s": float(options.request_timeout)}
     (version / ORCHESTRATOR_JSON).write_text(json.dumps(settings, indent=2), encoding="utf-8")
     graph_files = {artifacts.manifest["graphs"][g]["onnx"] for g in GRAPH_NAMES}
     for record in artifacts.manifest["files"]:
@@ -143,7 +154,7 @@ def _prepare_target(repository: Path, overwrite: bool) -> Path:
     if repository.is_dir() and any(repository.iterdir()) and not overwrite:
         raise InputError(f"{repository} already exists and is not empty.", "pass --overwrite or another directory.")
     repository.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{repository.name}.", dir=repository.parent))
+    return stg.make_staging(repository)  # marked; stale ones of killed runs are removed
 
 
 def write_repository(artifacts_dir: str | Path, repository: str | Path,
@@ -151,20 +162,17 @@ def write_repository(artifacts_dir: str | Path, repository: str | Path,
     """Write the model repository (atomically: built beside ``repository``, then renamed into place)."""
     _check_options(options)
     artifacts = load_artifacts(artifacts_dir)
-    if options.engines is not None and not Path(options.engines).is_dir():
-        raise ArtifactError(f"engine directory {options.engines} does not exist.",
-                            "build engines with `acestep-trt build`, or drop --engines.")
+    options = fit_options(artifacts, options)  # batch and VAE window: the engines' (engines.json) with --engines
     repository = Path(repository)
-    staging = _prepare_target(repository, overwrite)
-    try:
-        models = {g: _write_graph_model(artifacts, g, staging, options) for g in GRAPH_NAMES}
-        _write_orchestrator(artifacts, staging, options)
-        _write_manifest(staging, artifacts, options, models)
-        if repository.exists():
-            shutil.rmtree(repository)
-        os.replace(staging, repository)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with stg.TargetLock(repository, "writing"):  # a second writer of the same repository is refused
+        staging = _prepare_target(repository, overwrite)
+        try:
+            models = {g: _write_graph_model(artifacts, g, staging, options) for g in GRAPH_NAMES}
+            _write_orchestrator(artifacts, staging, options)
+            _write_manifest(staging, artifacts, options, models)
+            stg.publish(staging, repository)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     log.info("Triton model repository written to %s", repository)
     return repository
 

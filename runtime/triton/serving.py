@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..artifacts import Artifacts, load_artifacts
 from ..errors import ArtifactError, BackendError, InputError
-from ..pipeline import AceStepRuntime
+from ..pipeline import AceStepRuntime, check_arguments
 from ..specs import GRAPH_NAMES, GraphSpec
 from .config import wire_shape
 
@@ -43,6 +44,7 @@ class BlsGraph:
         self.providers = [f"triton:{model_name}"]
         self._pb = pb_utils
         self._outputs = [t.name for t in spec.outputs]
+        self.should_stop: Callable[[str], None] | None = None  # set per request by watch_request
 
     def _request(self, feeds: dict[str, np.ndarray]):
         pb = self._pb
@@ -54,6 +56,8 @@ class BlsGraph:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.spec.check_feeds(feeds)
+        if self.should_stop is not None:  # a cancelled or timed-out request stops before its next graph call
+            self.should_stop(self.name)
         response = self._request(feeds).exec()
         if response.has_error():
             raise BackendError(f"graph model {self.model_name!r} failed: {response.error().message()}",
@@ -86,8 +90,40 @@ def load_orchestrator(version_dir: Path, pb_utils) -> AceStepRuntime:
         raise ArtifactError(f"{version_dir / ORCHESTRATOR_JSON} is missing or invalid ({exc}).", _REGENERATE) from None
     artifacts = load_orchestrator_artifacts(version_dir / ARTIFACTS_SUBDIR)
     runners = {name: BlsGraph(artifacts.specs[name], graph_models[name], pb_utils) for name in GRAPH_NAMES}
-    return AceStepRuntime(artifacts, runners, backend="triton", device="triton",
-                          vae_window=int(settings.get("vae_window", 256)))
+    runtime = AceStepRuntime(artifacts, runners, backend="triton", device="triton",
+                             vae_window=int(settings.get("vae_window", 256)))
+    runtime.request_timeout_s = float(settings.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S))
+    return runtime
+
+
+DEFAULT_REQUEST_TIMEOUT_S = 900.0
+
+
+def watch_request(runtime: AceStepRuntime, is_cancelled: Callable[[], bool], client_timeout_us: int = 0) -> float:
+    """Make every graph call of ``runtime``'s next request first check that the request is still wanted.
+
+    The request stops (``BackendError``, the request's error response) before its next graph call once the
+    client has cancelled it (``InferenceRequest.is_cancelled``, e.g. a gRPC call cancelled or past its
+    deadline) or once it has run longer than the server's limit (``orchestrator.json`` ``request_timeout_s``,
+    ``acestep-trt triton --request-timeout``) or the request's own timeout (Triton's ``timeout`` field, in
+    microseconds), whichever is shorter. Returns that limit in seconds (0: none).
+    """
+    limits = [t for t in (getattr(runtime, "request_timeout_s", 0.0), client_timeout_us / 1e6) if t and t > 0]
+    limit = min(limits) if limits else 0.0
+    started = time.monotonic()
+
+    def check(stage: str) -> None:
+        if is_cancelled():
+            raise BackendError(f"the request was cancelled by its client; stopped before {stage}.",
+                               "nothing to fix on the server; resend the request if it is still wanted.")
+        if limit and time.monotonic() - started > limit:
+            raise BackendError(f"the request ran longer than its time limit of {limit:g} s; stopped before {stage}.",
+                               "ask for a shorter clip or fewer steps, or raise the limit (the request's timeout, "
+                               "or `acestep-trt triton --request-timeout`).")
+
+    for runner in runtime.runners.values():
+        runner.should_stop = check
+    return limit
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -149,6 +185,10 @@ def request_kwargs(get: Callable[[str], np.ndarray | None]) -> dict:
     if kwargs.get("seed", 0) < 0:
         raise InputError(f"`seed` must be >= 0, got {kwargs['seed']}.", "send a non-negative INT64 seed.")
     kwargs.setdefault("audio_duration", 30.0)
+    # The request limits (runtime/limits.py: duration, steps, memory) are the runtime's own, checked in
+    # AceStepRuntime.__call__ before its first graph call; check duration and steps here already, as the CLI does.
+    check_arguments(kwargs["audio_duration"], kwargs.get("num_inference_steps", 8), kwargs.get("shift", 3.0),
+                    kwargs.get("guidance_scale", 7.0))
     return kwargs
 
 

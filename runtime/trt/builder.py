@@ -15,6 +15,7 @@ unchanged and whose file still verifies is kept, not rebuilt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -34,6 +35,28 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "tf32")
 
 
+def _locked(build):
+    """One build per engine directory at a time (runtime/staging.py's TargetLock); leftover ``*.tmp`` files of a
+    killed build are removed first. Engine files themselves are written whole and renamed (``_write_atomic``)."""
+
+    @functools.wraps(build)
+    def locked(artifacts_dir, out_dir=None, *args, **kwargs):
+        from ..staging import TargetLock, process_alive
+
+        out = Path(out_dir) if out_dir is not None else default_engine_dir(artifacts_dir)
+        if not Path(artifacts_dir).is_dir():
+            return build(artifacts_dir, out_dir, *args, **kwargs)  # the usual "does not exist" error, no lock file
+        with TargetLock(out, "building engines into"):
+            for tmp in out.glob("*.tmp") if out.is_dir() else ():
+                pid = tmp.name.rsplit(".", 2)[-2]
+                if not pid.isdigit() or not process_alive(int(pid)):
+                    tmp.unlink(missing_ok=True)
+            return build(artifacts_dir, out_dir, *args, **kwargs)
+
+    return locked
+
+
+@_locked
 def build_engines(
     artifacts_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -55,7 +78,7 @@ def build_engines(
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}.", f"use one of {', '.join(PRECISIONS)}; reduced "
                          "precision comes from the ONNX graph (TensorRT 11 networks are strongly typed).")
-    read_manifest(artifacts_dir)  # a wrong path fails first, and fast
+    _refuse_cpu_recipe(read_manifest(artifacts_dir))  # a wrong path or an int8 export fails first, and fast
     trt = import_tensorrt()  # then, without TensorRT, say what to install
     gpu = gpu_info()  # second: without a GPU, say so
     artifacts = load_artifacts(artifacts_dir)
@@ -84,6 +107,16 @@ def build_engines(
     log.debug("engines written to %s (TensorRT %s, %s, compute capability %s)", out, trt.__version__, gpu.name,
               gpu.compute_capability)  # the build command prints the summary
     return manifest
+
+
+def _refuse_cpu_recipe(manifest: dict) -> None:
+    """int8 exports (``export --precision int8``) are a CPU recipe: their ``MatMulInteger``/``DynamicQuantizeLinear``
+    products are ONNX Runtime's form of dynamic quantisation, not the Q/DQ form TensorRT builds int8 from."""
+    int8 = [name for name, graph in manifest.get("graphs", {}).items() if graph.get("precision") == "int8"]
+    if int8:
+        raise InputError(f"{', '.join(int8)} {'was' if len(int8) == 1 else 'were'} exported with the int8 CPU "
+                         "recipe, which TensorRT does not build.",
+                         "build engines from an fp32 or bf16 export (acestep-trt export --precision bf16).")
 
 
 def _header(trt, gpu: GpuInfo, precision: str, version_compatible: bool, request: ProfileRequest) -> dict:
@@ -156,12 +189,30 @@ class _Session:
             config.clear_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
         if self.workspace_gib:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gib * (1 << 30)))
+        self._attach_timing_cache(config)
+        return config
+
+    def _attach_timing_cache(self, config) -> None:
+        """Attach the shared timing cache, read from ``cache_path`` for the first engine.
+
+        ``set_timing_cache(cache, ignore_mismatch=False)`` returns False when the file was written by another
+        TensorRT version or GPU (its verification header differs) or is not a timing cache: then a fresh cache
+        is used, and it replaces the file after the build (logged; the old file is not worth keeping, TensorRT
+        cannot use it here).
+        """
         if self.cache is None:
             data = self.cache_path.read_bytes() if self.cache_path.is_file() else b""
             self.cache = config.create_timing_cache(data)
             log.debug("timing cache %s (%d bytes)", self.cache_path, len(data))
-        config.set_timing_cache(self.cache, False)
-        return config
+            if self.cache is not None and config.set_timing_cache(self.cache, False):
+                return
+            if data:
+                log.warning("timing cache %s does not match this TensorRT and GPU (or is not a timing cache); "
+                            "starting a new one, which replaces it after the build", self.cache_path)
+                self.cache = config.create_timing_cache(b"")
+        if self.cache is None or not config.set_timing_cache(self.cache, False):
+            raise BackendError(f"TensorRT refused the timing cache ({self.cache_path}, or a new empty one).",
+                               "check the TensorRT log above; retry with another --timing-cache path.")
 
     def build(self, out: Path, artifacts: Artifacts, name: str, record: dict, precision: str,
               version_compatible: bool) -> dict:
@@ -169,6 +220,7 @@ class _Session:
         started = time.perf_counter()
         network = self.network()
         spec = artifacts.specs[name]
+        _warn_undocumented(artifacts.graph_path(name))
         keep = _parse_onnx(self.trt, network, self.logger, artifacts.graph_path(name))
         _check_io(network, spec)
         config = self.config(precision, version_compatible)
@@ -196,6 +248,19 @@ class _Session:
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.cache_path, self.cache.serialize())
+
+
+def _warn_undocumented(path: Path) -> None:
+    """Log what the graph uses outside TensorRT's documented ONNX support (onnx_support.py); the parser decides."""
+    try:
+        from .onnx_support import unsupported
+
+        problems = unsupported(path)
+    except ImportError:  # the onnx package is not installed: nothing to check with
+        log.debug("onnx is not installed; %s not checked against TensorRT's operator matrix", path.name)
+        return
+    for problem in problems:
+        log.warning("%s: %s", path.name, problem)
 
 
 def _parse_onnx(trt, network, logger, path: Path):
@@ -229,6 +294,9 @@ def _optimization_profile(builder, profile: GraphProfile):
 
 def _write_atomic(path: Path, data) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:  # interrupted (Ctrl-C, SIGTERM) or failed: no partial engine file
+        tmp.unlink(missing_ok=True)

@@ -21,24 +21,40 @@ INSTALL_CUDA = "pip install cuda-bindings (NVIDIA's CUDA Python bindings; no tor
 NO_GPU = "run on a machine with an NVIDIA GPU and a working driver (check `nvidia-smi`)."
 
 
-def import_tensorrt(lean_ok: bool = False):
-    """Return the ``tensorrt`` module (or ``tensorrt_lean`` when ``lean_ok`` and the full one is absent).
+# Module names, in order of preference. The PyPI wheels install ``tensorrt_bindings`` (tensorrt-cu13-bindings)
+# and ``tensorrt_lean_bindings`` (tensorrt-lean-cu13-bindings); ``tensorrt`` / ``tensorrt_lean`` exist only
+# through NVIDIA's meta packages (tensorrt-cu13, tensorrt-lean-cu13), which re-export those modules.
+FULL_MODULES = ("tensorrt", "tensorrt_bindings")
+LEAN_MODULES = ("tensorrt_lean", "tensorrt_lean_bindings")
 
-    Raises :class:`BackendError` saying what to install.
+
+def import_tensorrt(lean_ok: bool = False):
+    """Return the full TensorRT module, or with ``lean_ok`` the lean runtime when the full one is absent.
+
+    The full module must have ``Builder`` (a build needs it), the lean one ``Runtime``: the PyPI placeholder
+    packages install a module without the API. Raises :class:`BackendError` saying what to install.
     """
-    names = ("tensorrt", "tensorrt_lean") if lean_ok else ("tensorrt",)
+    candidates = [(name, "Builder" if not lean_ok else "Runtime") for name in FULL_MODULES]
+    candidates += [(name, "Runtime") for name in LEAN_MODULES] if lean_ok else []
     failures = []
-    for name in names:
+    for name, needed in candidates:
         try:
             module = importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - ImportError, or OSError/RuntimeError from missing native libraries
             failures.append(f"{name}: {str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__}")
             continue
-        if not hasattr(module, "Runtime"):  # the PyPI placeholder packages install a module without the API
-            failures.append(f"{name}: placeholder package without the native libraries")
+        if not hasattr(module, needed):
+            failures.append(f"{name}: no {needed} (a placeholder package without the native libraries, or the lean "
+                            "runtime where the full TensorRT is needed)")
             continue
         return module
     raise BackendError(f"TensorRT is not installed ({'; '.join(failures)}).", INSTALL_TRT)
+
+
+def is_lean(trt) -> bool:
+    """True for the lean runtime (``tensorrt_lean`` or ``tensorrt_lean_bindings``): it runs version-compatible
+    engines only, and cannot build."""
+    return getattr(trt, "__name__", "tensorrt").split(".")[0] in LEAN_MODULES
 
 
 def import_cudart():

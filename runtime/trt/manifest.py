@@ -1,7 +1,7 @@
 """``engines.json``: what each engine was built from and with, and the checks that refuse a stale engine.
 
-An engine is valid only for the TensorRT version that built it (unless built version-compatible, then
-for that version and any later one: the check accepts a later major too, as the tests do), for the GPU compute capability it was built on,
+An engine is valid only for the TensorRT version that built it (unless built version-compatible, then for
+the runtimes NVIDIA documents: see :func:`version_compatible_runs`), for the GPU compute capability it was built on,
 and for the exact ONNX files it was built from. Each of these is recorded at build time and checked at
 load time; a mismatch is an :class:`ArtifactError` that says how to rebuild. An engine is never reused
 on the file's existence alone.
@@ -106,16 +106,38 @@ def read_engine_manifest(engine_dir: str | Path, remedy: str) -> EngineManifest:
     return EngineManifest(root, data)
 
 
+# NVIDIA, TensorRT 11.4.0 support matrix, "Engine Portability"
+# (https://docs.nvidia.com/deeplearning/tensorrt/11.4.0/getting-started/support-matrix.html): engines built with
+# the version-compatible flag run with newer TensorRT runtimes of the same major version; across majors only
+# TensorRT 10 -> 11 and 8 -> 10 are supported. Version compatibility exists from TensorRT 8.6 on (developer
+# guide, "Version Compatibility"), and an engine never runs on a runtime older than its builder.
+VERSION_COMPATIBLE_SINCE = (8, 6)
+CROSS_MAJOR_RUNS = {(8, 10), (10, 11)}  # (builder major, runtime major)
+
+
+def version_compatible_runs(built: str, running: str) -> str | None:
+    """None when a version-compatible engine built by TensorRT ``built`` may run on ``running``, else why not."""
+    b, r = version_tuple(built)[:3], version_tuple(running)[:3]
+    if b[:2] < VERSION_COMPATIBLE_SINCE:
+        return f"TensorRT {built} predates version compatibility (TensorRT 8.6)"
+    if r < b:
+        return f"TensorRT {built} is newer than this TensorRT {running}"
+    if r[0] != b[0] and (b[0], r[0]) not in CROSS_MAJOR_RUNS:
+        return (f"NVIDIA supports version-compatible engines of TensorRT {b[0]} on TensorRT {b[0]}.x"
+                + "".join(f" and {m}.x" for a, m in sorted(CROSS_MAJOR_RUNS) if a == b[0])
+                + f" only, not on TensorRT {running}")
+    return None
+
+
 def check_compatible(manifest: EngineManifest, trt_version: str, compute_capability: str, remedy: str) -> None:
     """Refuse engines of another TensorRT version (unless version-compatible) or another GPU architecture."""
-    built, running = version_tuple(manifest.tensorrt_version), version_tuple(trt_version)
     if manifest.version_compatible:
-        # a version-compatible plan runs on the same or a later TensorRT release, never on an older one
-        if running[:2] < built[:2]:
+        reason = version_compatible_runs(manifest.tensorrt_version, trt_version)
+        if reason is not None:
             raise ArtifactError(
                 f"the engines in {manifest.root} were built version-compatible with TensorRT "
-                f"{manifest.tensorrt_version}, which is newer than this TensorRT {trt_version}.", remedy)
-    elif built != running:
+                f"{manifest.tensorrt_version}, which this TensorRT {trt_version} cannot run: {reason}.", remedy)
+    elif version_tuple(manifest.tensorrt_version) != version_tuple(trt_version):
         raise ArtifactError(
             f"the engines in {manifest.root} were built with TensorRT {manifest.tensorrt_version}; this is "
             f"TensorRT {trt_version}, which cannot run them.", remedy + " Build with --version-compatible for "
