@@ -481,8 +481,8 @@ class Context:
 class Weights:
     """``trt.Weights(type, ptr, count)``: a view of host memory (read when the refit runs)."""
 
-    def __init__(self, dtype, ptr, count):
-        self.dtype, self.ptr, self.count = dtype, int(ptr), int(count)
+    def __init__(self, type, ptr, count):  # noqa: A002 - TensorRT's parameter name
+        self.dtype, self.ptr, self.count = type, int(ptr), int(count)
 
 
 _WEIGHT_TYPES = {1: DataType.FLOAT, 10: DataType.HALF, 16: DataType.BF16}

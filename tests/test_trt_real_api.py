@@ -26,12 +26,12 @@ REAL_CLASS = {
     "Logger": "Logger", "OptimizationProfile": "IOptimizationProfile", "TimingCache": "ITimingCache",
     "Runtime": "Runtime", "Engine": "ICudaEngine", "Context": "IExecutionContext", "Builder": "Builder",
     "BuilderConfig": "IBuilderConfig", "Network": "INetworkDefinition", "Tensor": "ITensor", "Layer": "ILayer",
-    "OnnxParser": "OnnxParser",
+    "OnnxParser": "OnnxParser", "Refitter": "Refitter", "Weights": "Weights",
 }
 ENUMS = ("NetworkDefinitionCreationFlag", "BuilderFlag", "MemoryPoolType", "DataType", "TensorIOMode",
          "ElementWiseOperation")
 TEST_ONLY = {"Engine": {"session"}}  # fake helpers that are not TensorRT API
-CONSTRUCTED = {"Logger", "Builder", "OnnxParser", "Runtime"}  # our code creates these; TensorRT returns the rest
+CONSTRUCTED = {"Logger", "Builder", "OnnxParser", "Runtime", "Refitter", "Weights"}  # our code creates these; TensorRT returns the rest
 # attributes the fakes set per instance (real: properties)
 INSTANCE_ATTRIBUTES = {"Runtime": ("engine_host_code_allowed",), "Tensor": ("name", "dtype", "shape")}
 
