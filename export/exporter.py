@@ -333,11 +333,12 @@ def _export_cover_blend(staging: Path, spec: GraphSpec, validate: bool, report: 
     path = staging / f"{COVER_BLEND}.onnx"
     write_cover_blend(spec, path, OPSET)
     if validate:
-        cfg_dims = [{"batch": 2, "latent_len": 9}, {"batch": 6, "latent_len": 31}]
         cases = []
-        for i, dims in enumerate(cfg_dims):
-            feeds = {"next_latents": np.random.default_rng(i).standard_normal(
-                         (dims["batch"], dims["latent_len"], spec.inputs[0].dims[-1])).astype(np.float32),
+        for i, dims in enumerate([{"batch": 1, "latent_len": 9}, {"batch": 3, "latent_len": 31}]):
+            rng = np.random.default_rng(i)
+            shape = (dims["batch"], dims["latent_len"], spec.inputs[0].dims[-1])
+            feeds = {"cover_latents": rng.standard_normal(shape).astype(np.float32),
+                     "text2music_latents": rng.standard_normal(shape).astype(np.float32),
                      "strength": np.array([0.6], np.float32)}
             cases.append((dims, feeds, reference(feeds)))
         rows = validate_graph(cases, spec, path)

@@ -298,21 +298,23 @@ def audio_detokenizer_spec(cfg: ModelConfig, tok: AudioTokenizerConfig) -> Graph
 
 
 def cover_blend_spec(cfg: ModelConfig) -> GraphSpec:
-    """Cover strength on the device: the two halves of a doubled ``dit_step`` batch blended and doubled again.
+    """Cover strength on the device: ``s * cover + (1 - s) * text2music`` of two ``dit_step`` next_latents.
 
-    next_latents [2B, T, 64] (cover condition first, text2music second), strength [1] ->
-    latents [2B, T, 64] = tile(s * next[:B] + (1 - s) * next[B:], 2): the next step's doubled input.
-    Since next = x + dt * v for both halves, this is x + dt * (s * v_cover + (1 - s) * v_text2music),
-    diffusers' blend of the velocities.
+    Both come from the same latents x (next = x + dt * v), so the blend is x + dt * (s * v_cover +
+    (1 - s) * v_text2music): diffusers' blend of the velocities. The two conditions differ in length (their
+    instructions tokenise differently) and the DiT does not mask cross-attention padding, so they cannot
+    share one batch: two DiT evaluations per step, as diffusers.
     """
+    latents = ("batch", "latent_len", cfg.latent_channels)
     return GraphSpec(
         name=COVER_BLEND,
-        doc="next_latents [2B, T, 64], strength [1] -> latents [2B, T, 64] (blended halves, doubled).",
+        doc="cover_latents, text2music_latents [B, T, 64], strength [1] -> latents = s * cover + (1 - s) * text2music.",
         inputs=(
-            TensorSpec("next_latents", "float32", ("batch", "latent_len", cfg.latent_channels)),
+            TensorSpec("cover_latents", "float32", latents),
+            TensorSpec("text2music_latents", "float32", latents),
             TensorSpec("strength", "float32", (1,)),
         ),
-        outputs=(TensorSpec("latents", "float32", ("batch", "latent_len", cfg.latent_channels)),),
+        outputs=(TensorSpec("latents", "float32", latents),),
         tolerance=FP32_TOL,
     )
 
