@@ -252,8 +252,10 @@ def encode_codes_cmd(artifacts_dir, audio, out_path, overwrite, device):
 @click.option("--torch-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Precision of the diffusers side.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--task", type=click.Choice(["text2music", "repaint"]), default="text2music", show_default=True,
+              help="repaint: a synthetic source clip of --duration, VAE encode timed as its own stage.")
 def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, device, backend, torch_dtype,
-              json_out):
+              json_out, task):
     """Time this toolkit against diffusers' AceStepPipeline on MODEL_DIR, side by side."""
     import json
     import warnings
@@ -270,7 +272,7 @@ def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, de
         if value < 1:
             raise InputError(f"{name} must be >= 1, got {value}.", f"pass {name} 1 or more.")
     cfg = BenchConfig(duration=duration, steps=steps, batch=batch, runs=runs, warmup=max(warmup, 0),
-                      device=device, backend=backend, torch_dtype=torch_dtype)
+                      device=device, backend=backend, torch_dtype=torch_dtype, task=task)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = run_bench(model_dir, artifacts_dir, cfg)

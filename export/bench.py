@@ -9,6 +9,10 @@ before loading and after, measured before diffusers touches the GPU: weights plu
 which keeps its high-water mark; CUDA context excluded on both sides). Reported figures are medians over
 runs; ratios are diffusers / ours (so > 1 means we are faster). The audio of both sides is compared
 (max difference and SNR, diffusers as the signal).
+
+``task="repaint"`` benchmarks the repaint task on a synthetic source clip of the same duration (window: its
+middle third), the VAE encode of the source timed as its own stage; both sides take the posterior's mean
+(diffusers' ``sample`` replaced by ``mode``, a randn's difference in cost) so that their audio can be compared.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from acestep_trt.runtime.precision import json_number, snr_db
 
 log = logging.getLogger(__name__)
 
-STAGES = ("encode", "dit_step", "decode")
+STAGES = ("audio_encode", "encode", "dit_step", "decode")
+TASKS = ("text2music", "repaint")
 
 
 def _rss_bytes() -> int:
@@ -94,6 +99,7 @@ class SideResult:
             "runs": len(self.runs),
             "end_to_end_s": total,
             "real_time_factor": total / audio_seconds,
+            "audio_encode_s": self.median("audio_encode"),
             "encode_s": self.median("encode"),
             "dit_step_s": self.median_step(),
             "dit_total_s": self.median("dit_step"),
@@ -139,7 +145,7 @@ class OursSide:
     """Times the runtime by wrapping each graph runner's ``run``."""
 
     STAGE_OF = {"text_encoder": "encode", "condition_encoder": "encode", "dit_step": "dit_step",
-                "vae_decoder": "decode"}
+                "vae_decoder": "decode", "cover_blend": "dit_step"}  # other audio graphs: "audio_encode"
 
     def __init__(self, artifacts: Path, backend: str, device: str):
         from acestep_trt.runtime import AceStepRuntime
@@ -150,7 +156,7 @@ class OursSide:
         self.precision = self.rt.artifacts.manifest.get("precision", {"recipe": "fp32"})
         self.timer = _StageTimer()
         for name, runner in self.rt.runners.items():
-            runner.run = self._timed(runner.run, self.STAGE_OF[name])
+            runner.run = self._timed(runner.run, self.STAGE_OF.get(name, "audio_encode"))
         self.sample_rate = self.rt.sample_rate
 
     def _timed(self, run, stage):
@@ -162,9 +168,12 @@ class OursSide:
 
         return wrapper
 
-    def __call__(self, prompt, lyrics, duration, latents, steps, shift) -> np.ndarray:
+    def __call__(self, prompt, lyrics, duration, latents, steps, shift, **task) -> np.ndarray:
+        if task:
+            task["posterior"] = "mode"
         return self.rt(prompt=prompt, lyrics=lyrics, audio_duration=duration, latents=latents,
-                       num_inference_steps=steps, shift=shift, guidance_scale=1.0, show_progress=False).audios
+                       num_inference_steps=steps, shift=shift, guidance_scale=1.0, show_progress=False,
+                       **task).audios
 
 
 # --------------------------------------------------------------------------- diffusers
@@ -192,6 +201,7 @@ class DiffusersSide:
         self._hook(self.pipe.text_encoder, "encode")
         self._hook(self.pipe.condition_encoder, "encode")
         self._hook(self.pipe.transformer, "dit_step")
+        self._hook(self.pipe.vae.encoder, "audio_encode")
         self._wrap_decode()
         self.sample_rate = self.pipe.sample_rate
 
@@ -222,12 +232,21 @@ class DiffusersSide:
 
         vae.decode = timed
 
-    def __call__(self, prompt, lyrics, duration, latents, steps, shift) -> np.ndarray:
+    def __call__(self, prompt, lyrics, duration, latents, steps, shift, **task) -> np.ndarray:
+        from diffusers.models.autoencoders.autoencoder_oobleck import OobleckDiagonalGaussianDistribution as Dist
+
         torch = self.torch
         noise = torch.from_numpy(latents).to(self.device, self.pipe.transformer.dtype)
-        with torch.no_grad():
-            return self.pipe(prompt=prompt, lyrics=lyrics, audio_duration=duration, latents=noise,
-                             num_inference_steps=steps, shift=shift, guidance_scale=1.0, output_type="np").audios
+        if "src_audio" in task:
+            task["src_audio"] = torch.from_numpy(task["src_audio"]).to(self.device, self.pipe.vae.dtype)
+        sample, Dist.sample = Dist.sample, lambda self, generator=None: self.mode()  # see the module docstring
+        try:
+            with torch.no_grad():
+                return self.pipe(prompt=prompt, lyrics=lyrics, audio_duration=duration, latents=noise,
+                                 num_inference_steps=steps, shift=shift, guidance_scale=1.0, output_type="np",
+                                 **task).audios
+        finally:
+            Dist.sample = sample
 
 
 # --------------------------------------------------------------------------- driver
@@ -246,6 +265,21 @@ class BenchConfig:
     torch_dtype: str = "fp32"
     prompt: str = CASES[0][0]
     lyrics: str = CASES[0][1]
+    task: str = "text2music"  # or "repaint" (see the module docstring)
+
+
+def task_arguments(cfg: BenchConfig, frames: int, hop: int, sample_rate: int) -> dict:
+    """The task's keyword arguments for both sides: none for text2music; for repaint a source clip of
+    ``frames * hop`` samples (two tones and a little noise) and its middle third as the window."""
+    if cfg.task == "text2music":
+        return {}
+    samples = frames * hop
+    t = np.arange(samples) / sample_rate
+    tones = 0.3 * np.stack([np.sin(2 * np.pi * 220.0 * t), np.sin(2 * np.pi * 330.0 * t)])
+    src = (tones + 0.02 * np.random.default_rng(1).standard_normal(tones.shape)).astype(np.float32)
+    seconds = samples / sample_rate
+    return {"task_type": "repaint", "src_audio": src, "repainting_start": seconds / 3,
+            "repainting_end": 2 * seconds / 3}
 
 
 def _gpu_peak_reset(side) -> None:
@@ -259,13 +293,13 @@ def _gpu_peak(side) -> int | None:
     return None
 
 
-def _one_run(side, cfg: BenchConfig, latents: np.ndarray) -> tuple[RunRecord, np.ndarray]:
+def _one_run(side, cfg: BenchConfig, latents: np.ndarray, task: dict | None = None) -> tuple[RunRecord, np.ndarray]:
     side.timer.stages = {}
     prompts, lyrics = [cfg.prompt] * cfg.batch, [cfg.lyrics] * cfg.batch
     _gpu_peak_reset(side)
     with PeakSampler() as mem:
         started = time.perf_counter()
-        audio = side(prompts, lyrics, cfg.duration, latents, cfg.steps, cfg.shift)
+        audio = side(prompts, lyrics, cfg.duration, latents, cfg.steps, cfg.shift, **dict(task or {}))
         total = time.perf_counter() - started
     return RunRecord(total, dict(side.timer.stages), mem.peak, _gpu_peak(side)), audio
 
@@ -278,9 +312,10 @@ def run_bench(model_dir: Path, artifacts: Path, cfg: BenchConfig, progress: bool
     ours = OursSide(artifacts, cfg.backend, cfg.device)
     frames = ours.rt.config.latent_length(cfg.duration)
     latents = np.random.default_rng(0).standard_normal((cfg.batch, frames, 64)).astype(np.float32)
+    task = task_arguments(cfg, frames, ours.rt.config.hop_length, ours.sample_rate)
     results = {"ours": SideResult("acestep-trt"), "diffusers": SideResult("diffusers")}
     for _ in range(max(cfg.warmup, 1 if gpu_base is not None else 0)):
-        _one_run(ours, cfg, latents)
+        _one_run(ours, cfg, latents, task)
     if gpu_base is not None:
         used = device_memory_used()
         results["ours"].gpu_held = None if used is None else used - gpu_base
@@ -288,11 +323,11 @@ def run_bench(model_dir: Path, artifacts: Path, cfg: BenchConfig, progress: bool
     results["ours"].load_seconds, results["ours"].load_rss = ours.load_seconds, ours.load_rss
     results["diffusers"].load_seconds, results["diffusers"].load_rss = theirs.load_seconds, theirs.load_rss
     for _ in range(cfg.warmup):
-        _one_run(theirs, cfg, latents)
+        _one_run(theirs, cfg, latents, task)
     audio = {}
     for _ in tqdm(range(cfg.runs), desc="bench", unit="round", disable=not progress):
         for key, side in (("ours", ours), ("diffusers", theirs)):
-            record, audio[key] = _one_run(side, cfg, latents)
+            record, audio[key] = _one_run(side, cfg, latents, task)
             results[key].runs.append(record)
     return _report(cfg, results, audio, ours.sample_rate, ours.precision)
 
@@ -300,7 +335,7 @@ def run_bench(model_dir: Path, artifacts: Path, cfg: BenchConfig, progress: bool
 def _report(cfg: BenchConfig, results: dict[str, SideResult], audio: dict, sample_rate: int,
             precision: dict) -> dict:
     ours, theirs = (results[k].summary(cfg.duration) for k in ("ours", "diffusers"))
-    ratio = {k: theirs[k] / ours[k] for k in ("end_to_end_s", "encode_s", "dit_step_s", "decode_s")
+    ratio = {k: theirs[k] / ours[k] for k in ("end_to_end_s", "audio_encode_s", "encode_s", "dit_step_s", "decode_s")
              if ours[k] and theirs[k]}
     diff = float(np.max(np.abs(audio["ours"].astype(np.float64) - audio["diffusers"])))
     snr = snr_db(audio["ours"], audio["diffusers"])
@@ -336,6 +371,7 @@ def format_report(report: dict) -> str:
     cfg = report["config"]
     rows = [
         ("end to end (s)", "end_to_end_s", "{:.3f}"), ("real-time factor", "real_time_factor", "{:.4f}"),
+        ("VAE encode of the source (s)", "audio_encode_s", "{:.3f}"),
         ("encode (s)", "encode_s", "{:.4f}"), ("DiT step, median (s)", "dit_step_s", "{:.4f}"),
         ("DiT, all steps (s)", "dit_total_s", "{:.3f}"), ("VAE decode (s)", "decode_s", "{:.3f}"),
         ("host peak during run (MB)", "host_peak_mb", "{:.0f}"), ("GPU peak (MB)", "gpu_peak_mb", "{:.0f}"),
@@ -343,7 +379,8 @@ def format_report(report: dict) -> str:
     ]
     fmt = lambda f, v: "n/a" if v is None else f.format(v)  # noqa: E731
     lines = [
-        f"{cfg['duration']:g} s clip, batch {cfg['batch']}, {cfg['steps']} steps, device {cfg['device']}, "
+        f"{cfg.get('task', 'text2music')}, {cfg['duration']:g} s clip, batch {cfg['batch']}, {cfg['steps']} steps, "
+        f"device {cfg['device']}, "
         f"ours {cfg['backend']} {report['precision'].get('recipe', 'fp32')}, diffusers {cfg['torch_dtype']}, "
         f"{report['ours']['runs']} alternating runs "
         f"after {cfg['warmup']} warm-up",
