@@ -428,7 +428,8 @@ class AceStepRuntime:
             if guidance is None and blend is None and engine_loop is not None:
                 x = engine_loop(noise, condition, context, ts, sigmas)
                 bar.update(len(ts))
-            elif guidance is None and self.device_loop and (blend is None or COVER_BLEND in self.runners):
+            elif guidance is None and self.device_loop and engine_loop is None and (
+                    blend is None or COVER_BLEND in self.runners):  # TensorRT with cover strength: host loop
                 x = self.denoise_device(noise, ts, sigmas, condition, context, bar, blend)
             else:  # APG guidance mixes the two halves on the host every step
                 x = self.denoise_host(noise, ts, sigmas, condition, context, guidance, bar, blend)

@@ -35,6 +35,11 @@ def has_ort_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("ACESTEP_TRT_HEAVY"):  # minutes on two cores: opt-in
+        heavy = pytest.mark.skip(reason="heavy (30 s reference-audio encodes); set ACESTEP_TRT_HEAVY=1 to run")
+        for item in items:
+            if "heavy" in item.keywords:
+                item.add_marker(heavy)
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
