@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ArtifactError
-from .specs import AUDIO_GRAPH_NAMES, GRAPH_NAMES, AudioTokenizerConfig, GraphSpec, ModelConfig, all_specs, audio_specs
+from .specs import (AUDIO_GRAPH_NAMES, GRAPH_NAMES, AudioTokenizerConfig, GraphSpec, ModelConfig, all_specs,
+                    audio_specs)
 
 
 FORMAT_VERSION = 1
@@ -68,7 +69,8 @@ class Artifacts:
     root: Path
     manifest: dict
     config: ModelConfig
-    specs: dict[str, GraphSpec]
+    specs: dict[str, GraphSpec]  # the four core graphs (engines, Triton, precision recipes iterate these)
+    audio_specs: dict[str, GraphSpec] = field(default_factory=dict)  # the optional audio-to-audio graphs present
 
     def graph_path(self, name: str) -> Path:
         return self.root / self.manifest["graphs"][name]["onnx"]
@@ -87,12 +89,16 @@ class Artifacts:
 
     def has_graph(self, name: str) -> bool:
         """Whether this directory holds ``name`` (the audio-to-audio graphs are optional)."""
-        return name in self.specs
+        return name in self.specs or name in self.audio_specs
+
+    def spec(self, name: str) -> GraphSpec:
+        """The spec of a core or audio-to-audio graph."""
+        return self.specs[name] if name in self.specs else self.audio_specs[name]
 
     @property
     def audio_graphs(self) -> list[str]:
         """The optional audio-to-audio graphs present here, in :data:`AUDIO_GRAPH_NAMES` order."""
-        return [n for n in AUDIO_GRAPH_NAMES if n in self.specs]
+        return [n for n in AUDIO_GRAPH_NAMES if n in self.audio_specs]
 
     @property
     def audio_tokenizer(self) -> AudioTokenizerConfig | None:
@@ -230,12 +236,14 @@ def load_artifacts(root: str | Path, verify: bool = True, graphs: bool = True) -
     try:
         config = ModelConfig.from_dict(manifest["model"])
         names = [*GRAPH_NAMES, *(n for n in AUDIO_GRAPH_NAMES if n in manifest["graphs"])]
-        specs = {name: GraphSpec.from_dict(manifest["graphs"][name]["spec"]) for name in names}
+        every = {name: GraphSpec.from_dict(manifest["graphs"][name]["spec"]) for name in names}
         onnx_names = [manifest["graphs"][name]["onnx"] for name in names]
         records = [r for r in manifest["files"] if graphs or not _is_graph_file(r["path"], onnx_names)]
         tok = AudioTokenizerConfig.from_dict(manifest["audio_tokenizer"]) if manifest.get("audio_tokenizer") else None
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root / MANIFEST} is incomplete (missing {exc}).", _REEXPORT) from None
-    _check_interfaces(root, config, specs, tok)
+    _check_interfaces(root, config, every, tok)
     verify_files(root, records, full_hash=verify)
-    return Artifacts(root=root, manifest=manifest, config=config, specs=specs)
+    specs = {n: every[n] for n in GRAPH_NAMES}
+    return Artifacts(root=root, manifest=manifest, config=config, specs=specs,
+                     audio_specs={n: s for n, s in every.items() if n not in specs})

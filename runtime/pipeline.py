@@ -163,8 +163,8 @@ class AceStepRuntime:
             }
             audio_device = device
         for name in artifacts.audio_graphs:  # audio-to-audio graphs: ONNX Runtime (no TensorRT engines yet)
-            runners[name] = OrtGraph(artifacts.graph_path(name), artifacts.specs[name], audio_device, threads,
-                                     artifacts.precision(name), emulate_precision)
+            runners[name] = OrtGraph(artifacts.graph_path(name), artifacts.audio_specs[name], audio_device,
+                                     threads, artifacts.precision(name), emulate_precision)
         return cls(artifacts, runners, kind, device, int(vae_window), device_loop)
 
     @property
@@ -226,8 +226,9 @@ class AceStepRuntime:
             out = runner.run({"audio": chunk})
             return out["mean"], out["std"]
 
+        overlap = window_overlap(self.artifacts.vae_encoder_receptive_field)
         mean, std = encode_windowed(encode, np.ascontiguousarray(audio, dtype=np.float32), self.config.hop_length,
-                                    window or self.vae_window, window_overlap(self.artifacts.vae_encoder_receptive_field))
+                                    window or self.vae_window, overlap)
         latents = mean if posterior == "mode" else mean + std * task_lib.posterior_noise(seed, stream, mean.shape)
         return np.ascontiguousarray(latents.transpose(0, 2, 1), dtype=np.float32)
 

@@ -294,10 +294,12 @@ def resolve_task(artifacts, batch: int, task_type="text2music", instruction=None
     task_type = check_task_type(task_type)
     strength = check_cover_strength(audio_cover_strength)
     check_posterior(posterior)
-    src = check_audio("src_audio", src_audio, config.audio_channels) if src_audio is not None else None
-    ref = check_audio("reference_audio", reference_audio, config.audio_channels) if reference_audio is not None else None
+    channels = config.audio_channels
+    src = check_audio("src_audio", src_audio, channels) if src_audio is not None else None
+    ref = check_audio("reference_audio", reference_audio, channels) if reference_audio is not None else None
     if src is not None and src.shape[-1] < config.hop_length:  # diffusers would build a 0-frame context
-        raise InputError(f"`src_audio` has {src.shape[-1]} samples, less than one latent frame ({config.hop_length}).",
+        raise InputError(f"`src_audio` has {src.shape[-1]} samples, fewer than one latent frame "
+                         f"({config.hop_length}).",
                          f"pass at least {config.hop_length / config.sample_rate * 1000:g} ms of source audio.")
     if src is not None or ref is not None:
         require_graphs(artifacts, (VAE_ENCODER,), "source or reference audio")

@@ -249,7 +249,7 @@ def test_graph_models_direct(server, tiny, graph):
     from acestep_trt.runtime.backends.ort import OrtGraph
 
     artifacts = load_artifacts(tiny.artifacts)
-    spec = artifacts.specs[graph]
+    spec = artifacts.spec(graph)
     feeds = _random_feeds(spec, artifacts.config.vocab_size)
     expected = OrtGraph(artifacts.graph_path(graph), spec).run(feeds)
 

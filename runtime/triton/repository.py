@@ -84,7 +84,7 @@ def _graph_max_batch(artifacts: Artifacts, graph: str, max_batch: int) -> int:
 
 def _write_graph_model(artifacts: Artifacts, graph: str, root: Path, options: RepositoryOptions) -> dict:
     """One graph model directory; returns its manifest record."""
-    spec = artifacts.specs[graph]
+    spec = artifacts.spec(graph)
     engine = options.engines is not None and graph in GRAPH_NAMES  # audio graphs: no TensorRT engines yet, ONNX
     platform = tc.PLAN_PLATFORM if engine else tc.ONNX_PLATFORM
     leaf = tc.LeafOptions(platform, options.max_batch, options.instances)
@@ -126,7 +126,7 @@ def _write_orchestrator(artifacts: Artifacts, root: Path, options: RepositoryOpt
     shutil.copy2(Path(__file__).with_name("model_orchestrator.py"), version / "model.py")
     settings = {"graph_models": {g: g for g in served_graphs(artifacts)}, "vae_window": options.vae_window}
     (version / ORCHESTRATOR_JSON).write_text(json.dumps(settings, indent=2), encoding="utf-8")
-    graph_files = {artifacts.manifest["graphs"][g]["onnx"] for g in artifacts.specs}  # every graph, audio ones too
+    graph_files = {record["onnx"] for record in artifacts.manifest["graphs"].values()}  # audio graphs too
     for record in artifacts.manifest["files"]:
         path = record["path"]
         if any(path == f or path.startswith(f + ".") for f in graph_files):

@@ -91,7 +91,7 @@ def load_orchestrator(version_dir: Path, pb_utils) -> AceStepRuntime:
     except (OSError, ValueError, KeyError) as exc:
         raise ArtifactError(f"{version_dir / ORCHESTRATOR_JSON} is missing or invalid ({exc}).", _REGENERATE) from None
     artifacts = load_orchestrator_artifacts(version_dir / ARTIFACTS_SUBDIR)
-    runners = {name: BlsGraph(artifacts.specs[name], graph_models[name], pb_utils)
+    runners = {name: BlsGraph(artifacts.spec(name), graph_models[name], pb_utils)
                for name in served_graphs(artifacts) if name in graph_models}
     return AceStepRuntime(artifacts, runners, backend="triton", device="triton",
                           vae_window=int(settings.get("vae_window", 256)))
