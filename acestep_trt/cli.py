@@ -143,7 +143,8 @@ def _read_latents(path: Path | None):
 @click.option("--prompt", required=True, help="Description of the music.")
 @click.option("--lyrics", default=None, help="Lyrics text ([verse], [chorus] tags allowed).")
 @click.option("--lyrics-file", type=click.Path(path_type=Path), default=None, help="Read the lyrics from a file.")
-@click.option("--duration", type=float, default=30.0, show_default=True, help="Seconds of audio.")
+@click.option("--duration", type=float, default=None,
+              help="Seconds of audio [default: 30; with --src-audio or --audio-codes, their length].")
 @click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps (turbo: 8).")
 @click.option("--shift", type=float, default=3.0, show_default=True, help="Timestep schedule shift.")
 @click.option("--guidance-scale", type=float, default=7.0, show_default=True,
@@ -170,16 +171,33 @@ def _read_latents(path: Path | None):
               help="Latent frames per VAE decoding window (smaller: less memory, a little slower).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="Apply a LoRA adapter at weight SCALE (default 1). Repeatable: adapters mix as set_adapters.")
+@click.option("--task", "task_type", default="text2music", show_default=True,
+              help="text2music, repaint, cover, extract, lego or complete.")
+@click.option("--src-audio", type=click.Path(path_type=Path), default=None,
+              help="Source audio (WAV/FLAC/OGG) for repaint, cover, extract, lego, complete.")
+@click.option("--reference-audio", type=click.Path(path_type=Path), default=None,
+              help="Reference recording for the timbre (any task).")
+@click.option("--audio-codes", default=None, metavar="TEXT|@FILE",
+              help="5 Hz audio codes (<|audio_code_N|> tokens, e.g. from encode-codes), inline or @FILE.")
+@click.option("--repaint-start", type=float, default=None, help="Repaint/lego window start, seconds.")
+@click.option("--repaint-end", type=float, default=None, help="Repaint/lego window end, seconds (-1: to the end).")
+@click.option("--cover-strength", type=float, default=1.0, show_default=True,
+              help="Cover: below 1 blends in the text2music condition every step (two DiT evaluations).")
+@click.option("--track-name", default=None, help="Track for extract/lego, e.g. vocals.")
+@click.option("--complete-classes", default=None, metavar="A,B", help="Track classes for complete, e.g. bass,drums.")
 @click.pass_context
 def generate_cmd(ctx, artifacts_dir, prompt, lyrics, lyrics_file, duration, steps, shift, guidance_scale, seed,
                  latents_file, language, bpm, keyscale, timesignature, backend, device, engine_dir, out_path,
-                 overwrite, emulate_precision, max_duration, no_memory_check, vae_window, loras=()):
+                 overwrite, emulate_precision, max_duration, no_memory_check, vae_window, task_type, src_audio,
+                 reference_audio, audio_codes, repaint_start, repaint_end, cover_strength, track_name,
+                 complete_classes, loras=()):
     """Generate music from ARTIFACTS_DIR and write it to --out."""
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.audio import check_output_path, write_audio
     from acestep_trt.runtime.limits import Limits
     from acestep_trt.runtime.pipeline import check_arguments, check_prompts
     from acestep_trt.runtime.staging import TargetLock
+    from acestep_trt.runtime.tasks import check_task_type
 
     check_output_path(out_path, overwrite)
     ctx.call_on_close(TargetLock(out_path, "writing").acquire().release)  # a second generate to --out is refused
@@ -187,7 +205,12 @@ def generate_cmd(ctx, artifacts_dir, prompt, lyrics, lyrics_file, duration, step
     lyrics_text = _read_lyrics(lyrics, lyrics_file)
     latents = _read_latents(latents_file)
     check_prompts(prompt)
-    check_arguments(duration, steps, shift, guidance_scale, limits=limits)  # runtime/limits.py, before loading
+    check_task_type(task_type)
+    task_args = _task_arguments(artifacts_dir, src_audio, reference_audio, audio_codes, complete_classes)
+    if duration is None and src_audio is None and task_args["audio_codes"] is None:
+        duration = 30.0
+    # runtime/limits.py, before loading; None: the source's length, checked by the runtime
+    check_arguments(30.0 if duration is None else duration, steps, shift, guidance_scale, limits=limits)
     adapters = _lora_options(loras)
     started = time.perf_counter()
     rt = AceStepRuntime.load(artifacts_dir, backend=backend, device=device, engine_dir=engine_dir,
@@ -196,13 +219,65 @@ def generate_cmd(ctx, artifacts_dir, prompt, lyrics, lyrics_file, duration, step
         names = [rt.load_lora_weights(path, adapter_name=f"lora{i}") for i, (path, _) in enumerate(adapters)]
         rt.set_adapters(names, [scale for _, scale in adapters])
     load_s = time.perf_counter() - started
+    notes = task_args.pop("notes")
     out = rt(prompt=prompt, lyrics=lyrics_text, audio_duration=duration, vocal_language=language,
              num_inference_steps=steps, guidance_scale=guidance_scale, shift=shift, seed=seed, latents=latents,
-             bpm=bpm, keyscale=keyscale, timesignature=timesignature, show_progress=None)
+             bpm=bpm, keyscale=keyscale, timesignature=timesignature, show_progress=None, task_type=task_type,
+             repainting_start=repaint_start, repainting_end=repaint_end, audio_cover_strength=cover_strength,
+             track_name=track_name, **task_args)
     write_audio(out_path, out.audios[0], out.sample_rate, overwrite)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_s, **out.timings}.items())
     seed_note = f", seed {out.seeds[0]}" if out.seeds else ""
-    click.echo(f"wrote {out_path} ({duration:g} s at {out.sample_rate} Hz{seed_note}; {times})")
+    seconds = out.audios.shape[-1] / out.sample_rate
+    task_note = "" if out.task == "text2music" else f"; {out.task}" + "".join(f"; {n}" for n in notes)
+    click.echo(f"wrote {out_path} ({seconds:g} s at {out.sample_rate} Hz{seed_note}{task_note}; {times})")
+
+
+def _task_arguments(artifacts_dir, src_audio, reference_audio, audio_codes, complete_classes) -> dict:
+    """Read the task's files before any graph loads: audio at the model's rate, codes text, class list."""
+    from acestep_trt.runtime.artifacts import read_manifest
+    from acestep_trt.runtime.audio_input import read_audio, read_codes
+
+    args = {"src_audio": None, "reference_audio": None, "audio_codes": read_codes(audio_codes),
+            "complete_track_classes": [c.strip() for c in complete_classes.split(",") if c.strip()]
+            if complete_classes else None, "notes": []}
+    if src_audio is not None or reference_audio is not None:
+        model = read_manifest(artifacts_dir)["model"]
+        for key, path, option in (("src_audio", src_audio, "--src-audio"),
+                                  ("reference_audio", reference_audio, "--reference-audio")):
+            if path is not None:
+                read = read_audio(path, int(model["sample_rate"]), int(model["audio_channels"]), option)
+                args[key] = read.audio
+                args["notes"].append(f"{option[2:]} {read.note}")
+    return args
+
+
+@main.command("encode-codes")
+@click.argument("artifacts_dir", type=click.Path(path_type=Path))
+@click.argument("audio", type=click.Path(path_type=Path))
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Text file for the codes.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def encode_codes_cmd(artifacts_dir, audio, out_path, overwrite, device):
+    """Turn AUDIO into 5 Hz audio codes (<|audio_code_N|> tokens), the form --audio-codes reads.
+
+    The VAE posterior's mean is tokenised, so the same file always gives the same codes.
+    """
+    from acestep_trt.runtime import AceStepRuntime
+    from acestep_trt.runtime.artifacts import read_manifest
+    from acestep_trt.runtime.audio_input import read_audio, write_codes
+    from acestep_trt.runtime.tasks import encode_codes
+
+    if out_path.exists() and not overwrite:
+        raise InputError(f"{out_path} already exists.", "choose another --out, or pass --overwrite to replace it.")
+    if not out_path.parent.is_dir():
+        raise InputError(f"directory {out_path.parent} does not exist.", "create it first or choose another --out.")
+    model = read_manifest(artifacts_dir)["model"]
+    read = read_audio(audio, int(model["sample_rate"]), int(model["audio_channels"]), "AUDIO")
+    rt = AceStepRuntime.load(artifacts_dir, backend="ort", device=device)
+    codes = encode_codes(rt, read.audio)
+    write_codes(out_path, codes)
+    click.echo(f"wrote {out_path} ({codes.count('<|audio_code_')} codes from {read.note})")
 
 
 @main.command("bench")
@@ -223,8 +298,10 @@ def generate_cmd(ctx, artifacts_dir, prompt, lyrics, lyrics_file, duration, step
               help="Run each side in a process of its own, one after the other (default: only when the sides "
                    "do not fit in memory together).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report.")
+@click.option("--task", type=click.Choice(["text2music", "repaint"]), default="text2music", show_default=True,
+              help="repaint: a synthetic source clip of --duration, VAE encode timed as its own stage.")
 def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, device, backend, diffusers_dtypes,
-              torch_dtype, separate, json_out):
+              torch_dtype, separate, json_out, task):
     """Time this toolkit against diffusers' AceStepPipeline on MODEL_DIR, side by side."""
     import json
     import warnings
@@ -242,7 +319,7 @@ def bench_cmd(model_dir, artifacts_dir, duration, steps, batch, runs, warmup, de
             raise InputError(f"{name} must be >= 1, got {value}.", f"pass {name} 1 or more.")
     dtypes = tuple(dict.fromkeys(diffusers_dtypes + ((torch_dtype,) if torch_dtype else ())))
     cfg = BenchConfig(duration=duration, steps=steps, batch=batch, runs=runs, warmup=max(warmup, 0),
-                      device=device, backend=backend, separate=separate,
+                      device=device, backend=backend, separate=separate, task=task,
                       diffusers_dtypes=dtypes or default_diffusers_dtypes(device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

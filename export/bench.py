@@ -13,6 +13,10 @@ before loading and after, measured before diffusers touches the GPU: weights plu
 which keeps its high-water mark; CUDA context excluded on both sides). Reported figures are medians over
 runs; ratios are diffusers / ours (so > 1 means we are faster). The audio of both sides is compared
 (max difference and SNR, diffusers as the signal).
+
+``task="repaint"`` benchmarks the repaint task on a synthetic source clip of the same duration (window: its
+middle third), the VAE encode of the source timed as its own stage; both sides take the posterior's mean
+(diffusers' ``sample`` replaced by ``mode``, a randn's difference in cost) so that their audio can be compared.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from acestep_trt.runtime.precision import json_number, snr_db
 
 log = logging.getLogger(__name__)
 
-STAGES = ("encode", "dit_step", "decode")
+STAGES = ("audio_encode", "encode", "dit_step", "decode")
+TASKS = ("text2music", "repaint")
 
 
 def _rss_bytes() -> int:
@@ -98,6 +103,7 @@ class SideResult:
             "runs": len(self.runs),
             "end_to_end_s": total,
             "real_time_factor": total / audio_seconds,
+            "audio_encode_s": self.median("audio_encode"),
             "encode_s": self.median("encode"),
             "dit_step_s": self.median_step(),
             "dit_total_s": self.median("dit_step"),
@@ -143,7 +149,7 @@ class OursSide:
     """Times the runtime by wrapping each graph runner's ``run``."""
 
     STAGE_OF = {"text_encoder": "encode", "condition_encoder": "encode", "dit_step": "dit_step",
-                "vae_decoder": "decode"}
+                "vae_decoder": "decode", "cover_blend": "dit_step"}  # other audio graphs: "audio_encode"
 
     def __init__(self, artifacts: Path, backend: str, device: str):
         from acestep_trt.runtime import AceStepRuntime
@@ -154,7 +160,7 @@ class OursSide:
         self.precision = self.rt.artifacts.manifest.get("precision", {"recipe": "fp32"})
         self.timer = _StageTimer()
         for name, runner in self.rt.runners.items():
-            runner.run = self._timed(runner.run, self.STAGE_OF[name])
+            runner.run = self._timed(runner.run, self.STAGE_OF.get(name, "audio_encode"))
         self.sample_rate = self.rt.sample_rate
 
     def _timed(self, run, stage):
@@ -166,9 +172,12 @@ class OursSide:
 
         return wrapper
 
-    def __call__(self, prompt, lyrics, duration, latents, steps, shift) -> np.ndarray:
+    def __call__(self, prompt, lyrics, duration, latents, steps, shift, **task) -> np.ndarray:
+        if task:
+            task["posterior"] = "mode"
         return self.rt(prompt=prompt, lyrics=lyrics, audio_duration=duration, latents=latents,
-                       num_inference_steps=steps, shift=shift, guidance_scale=1.0, show_progress=False).audios
+                       num_inference_steps=steps, shift=shift, guidance_scale=1.0, show_progress=False,
+                       **task).audios
 
 
 # --------------------------------------------------------------------------- diffusers
@@ -196,6 +205,7 @@ class DiffusersSide:
         self._hook(self.pipe.text_encoder, "encode")
         self._hook(self.pipe.condition_encoder, "encode")
         self._hook(self.pipe.transformer, "dit_step")
+        self._hook(self.pipe.vae.encoder, "audio_encode")
         self._wrap_decode()
         self.sample_rate = self.pipe.sample_rate
 
@@ -226,12 +236,21 @@ class DiffusersSide:
 
         vae.decode = timed
 
-    def __call__(self, prompt, lyrics, duration, latents, steps, shift) -> np.ndarray:
+    def __call__(self, prompt, lyrics, duration, latents, steps, shift, **task) -> np.ndarray:
+        from diffusers.models.autoencoders.autoencoder_oobleck import OobleckDiagonalGaussianDistribution as Dist
+
         torch = self.torch
         noise = torch.from_numpy(latents).to(self.device, self.pipe.transformer.dtype)
-        with torch.no_grad():
-            return self.pipe(prompt=prompt, lyrics=lyrics, audio_duration=duration, latents=noise,
-                             num_inference_steps=steps, shift=shift, guidance_scale=1.0, output_type="np").audios
+        if "src_audio" in task:
+            task["src_audio"] = torch.from_numpy(task["src_audio"]).to(self.device, self.pipe.vae.dtype)
+        sample, Dist.sample = Dist.sample, lambda self, generator=None: self.mode()  # see the module docstring
+        try:
+            with torch.no_grad():
+                return self.pipe(prompt=prompt, lyrics=lyrics, audio_duration=duration, latents=noise,
+                                 num_inference_steps=steps, shift=shift, guidance_scale=1.0, output_type="np",
+                                 **task).audios
+        finally:
+            Dist.sample = sample
 
 
 # --------------------------------------------------------------------------- driver
@@ -251,6 +270,21 @@ class BenchConfig:
     separate: bool | None = None  # None: separate processes only when the pipelines do not fit together
     prompt: str = CASES[0][0]
     lyrics: str = CASES[0][1]
+    task: str = "text2music"  # or "repaint" (see the module docstring)
+
+
+def task_arguments(cfg: BenchConfig, frames: int, hop: int, sample_rate: int) -> dict:
+    """The task's keyword arguments for both sides: none for text2music; for repaint a source clip of
+    ``frames * hop`` samples (two tones and a little noise) and its middle third as the window."""
+    if cfg.task == "text2music":
+        return {}
+    samples = frames * hop
+    t = np.arange(samples) / sample_rate
+    tones = 0.3 * np.stack([np.sin(2 * np.pi * 220.0 * t), np.sin(2 * np.pi * 330.0 * t)])
+    src = (tones + 0.02 * np.random.default_rng(1).standard_normal(tones.shape)).astype(np.float32)
+    seconds = samples / sample_rate
+    return {"task_type": "repaint", "src_audio": src, "repainting_start": seconds / 3,
+            "repainting_end": 2 * seconds / 3}
 
 
 def default_diffusers_dtypes(device: str) -> tuple[str, ...]:
@@ -269,27 +303,26 @@ def _gpu_peak(side) -> int | None:
     return None
 
 
-def _one_run(side, cfg: BenchConfig, latents: np.ndarray) -> tuple[RunRecord, np.ndarray]:
+def _one_run(side, cfg: BenchConfig, latents: np.ndarray, task: dict | None = None) -> tuple[RunRecord, np.ndarray]:
     side.timer.stages = {}
     prompts, lyrics = [cfg.prompt] * cfg.batch, [cfg.lyrics] * cfg.batch
     _gpu_peak_reset(side)
     with PeakSampler() as mem:
         started = time.perf_counter()
-        audio = side(prompts, lyrics, cfg.duration, latents, cfg.steps, cfg.shift)
+        audio = side(prompts, lyrics, cfg.duration, latents, cfg.steps, cfg.shift, **dict(task or {}))
         total = time.perf_counter() - started
     return RunRecord(total, dict(side.timer.stages), mem.peak, _gpu_peak(side)), audio
 
 
-def _noise(cfg: BenchConfig, frames: int) -> np.ndarray:
-    """The initial noise both sides start from, ``[batch, frames, 64]``."""
-    return np.random.default_rng(0).standard_normal((cfg.batch, frames, 64)).astype(np.float32)
-
-
-def _frames(artifacts: Path, duration: float) -> int:
+def _inputs(cfg: BenchConfig, artifacts: Path) -> tuple[np.ndarray, dict]:
+    """What every side starts from: the noise ``[batch, frames, 64]`` and the task's arguments."""
     from acestep_trt.runtime.artifacts import read_manifest
     from acestep_trt.runtime.specs import ModelConfig
 
-    return ModelConfig.from_dict(read_manifest(artifacts)["model"]).latent_length(duration)
+    config = ModelConfig.from_dict(read_manifest(artifacts)["model"])
+    frames = config.latent_length(cfg.duration)
+    latents = np.random.default_rng(0).standard_normal((cfg.batch, frames, 64)).astype(np.float32)
+    return latents, task_arguments(cfg, frames, config.hop_length, config.sample_rate)
 
 
 def _process_peak_rss() -> int:
@@ -310,13 +343,13 @@ def _side_in_child(key: str, model_dir: str, artifacts: str, cfg: BenchConfig) -
 
     warnings.simplefilter("ignore")
     side = _open_side(key, Path(model_dir), Path(artifacts), cfg)
-    latents = _noise(cfg, _frames(Path(artifacts), cfg.duration))
+    latents, task = _inputs(cfg, Path(artifacts))
     result = SideResult(_side_name(key), load_seconds=side.load_seconds, load_rss=side.load_rss)
     for _ in range(cfg.warmup):
-        _one_run(side, cfg, latents)
+        _one_run(side, cfg, latents, task)
     audio = None
     for _ in range(cfg.runs):
-        record, audio = _one_run(side, cfg, latents)
+        record, audio = _one_run(side, cfg, latents, task)
         result.runs.append(record)
     return result, audio, _process_peak_rss()
 
@@ -404,23 +437,23 @@ def _run_together(keys, model_dir, artifacts, cfg, progress):
 
     gpu_base = device_memory_used() if cfg.device == "cuda" else None  # before any graph is on the GPU
     sides = {"ours": OursSide(artifacts, cfg.backend, cfg.device)}
-    latents = _noise(cfg, sides["ours"].rt.config.latent_length(cfg.duration))
+    latents, task = _inputs(cfg, artifacts)
     results = {key: SideResult(_side_name(key)) for key in keys}
     for _ in range(max(cfg.warmup, 1 if gpu_base is not None else 0)):
-        _one_run(sides["ours"], cfg, latents)
+        _one_run(sides["ours"], cfg, latents, task)
     if gpu_base is not None:
         used = device_memory_used()
         results["ours"].gpu_held = None if used is None else used - gpu_base
     for key in keys[1:]:
         sides[key] = _open_side(key, model_dir, artifacts, cfg)
         for _ in range(cfg.warmup):
-            _one_run(sides[key], cfg, latents)
+            _one_run(sides[key], cfg, latents, task)
     for key, side in sides.items():
         results[key].load_seconds, results[key].load_rss = side.load_seconds, side.load_rss
     audio = {}
     for _ in tqdm(range(cfg.runs), desc="bench", unit="round", disable=not progress):
         for key, side in sides.items():
-            record, audio[key] = _one_run(side, cfg, latents)
+            record, audio[key] = _one_run(side, cfg, latents, task)
             results[key].runs.append(record)
     return results, audio
 
@@ -431,8 +464,8 @@ def _report(cfg: BenchConfig, results: dict[str, SideResult], audio: dict, preci
               "mode": mode, "precision": precision, "ours": ours, "diffusers": {}, "speedup": {}, "audio": {}}
     for dtype in cfg.diffusers_dtypes:
         theirs = report["diffusers"][dtype] = results[dtype].summary(cfg.duration)
-        report["speedup"][dtype] = {k: theirs[k] / ours[k] for k in ("end_to_end_s", "encode_s", "dit_step_s",
-                                                                     "decode_s") if ours[k] and theirs[k]}
+        report["speedup"][dtype] = {k: theirs[k] / ours[k] for k in ("end_to_end_s", "audio_encode_s", "encode_s",
+                                                                     "dit_step_s", "decode_s") if ours[k] and theirs[k]}
         diff = float(np.max(np.abs(audio["ours"].astype(np.float64) - audio[dtype])))
         report["audio"][dtype] = {"max_abs_diff": diff, "snr_db": json_number(snr_db(audio["ours"], audio[dtype]))}
     return report
@@ -464,6 +497,7 @@ def format_report(report: dict) -> str:
     o, cfg, dtypes = report["ours"], report["config"], report["config"]["diffusers_dtypes"]
     rows = [
         ("end to end (s)", "end_to_end_s", "{:.3f}"), ("real-time factor", "real_time_factor", "{:.4f}"),
+        ("VAE encode of the source (s)", "audio_encode_s", "{:.3f}"),
         ("encode (s)", "encode_s", "{:.4f}"), ("DiT step, median (s)", "dit_step_s", "{:.4f}"),
         ("DiT, all steps (s)", "dit_total_s", "{:.3f}"), ("VAE decode (s)", "decode_s", "{:.3f}"),
         ("host peak during run (MB)", "host_peak_mb", "{:.0f}"), ("GPU peak (MB)", "gpu_peak_mb", "{:.0f}"),
@@ -475,8 +509,9 @@ def format_report(report: dict) -> str:
            if mode["separate_processes"] else f"{o['runs']} alternating rounds in one process")
     recipe = report["precision"].get("recipe", "fp32")
     lines = [
-        f"{cfg['duration']:g} s clip, batch {cfg['batch']}, {cfg['steps']} steps, device {cfg['device']}, "
-        f"ours {cfg['backend']} {recipe}, {how}, {cfg['runs']} timed runs after {cfg['warmup']} warm-up",
+        f"{cfg['task']}, {cfg['duration']:g} s clip, batch {cfg['batch']}, {cfg['steps']} steps, "
+        f"device {cfg['device']}, ours {cfg['backend']} {recipe}, {how}, {cfg['runs']} timed runs after "
+        f"{cfg['warmup']} warm-up",
         f"hardware: {json.dumps(report['hardware'])}",
         f"{'':<28}{'acestep-trt ' + recipe:>18}" + "".join(f"{'diffusers ' + d:>16}{'ratio':>8}" for d in dtypes),
     ]

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from acestep_trt.runtime.errors import CheckpointError
-from acestep_trt.runtime.specs import ModelConfig
+from acestep_trt.runtime.specs import AudioTokenizerConfig, ModelConfig
 
 
 REQUIRED = {
@@ -94,6 +94,30 @@ def memory_geometry(model_dir: str | Path) -> dict:
     }
 
 
+AUDIO_TOKENIZER_DIRS = ("audio_tokenizer", "audio_token_detokenizer")  # AceStepPipeline._optional_components
+
+
+def inspect_audio_tokenizer(model_dir: str | Path) -> AudioTokenizerConfig | None:
+    """The optional audio tokenizer pair's geometry, or None when the checkpoint has not both of them."""
+    model_dir = Path(model_dir)
+    if not all((model_dir / sub / "config.json").is_file() for sub in AUDIO_TOKENIZER_DIRS):
+        return None
+    tok = _read_json(model_dir / "audio_tokenizer" / "config.json")
+    detok = _read_json(model_dir / "audio_token_detokenizer" / "config.json")
+    pool = int(tok.get("pool_window_size", 5))
+    if int(detok.get("pool_window_size", 5)) != pool or int(tok.get("fsq_dim", 2048)) != int(detok["hidden_size"]):
+        raise CheckpointError(
+            f"{model_dir}: audio_tokenizer and audio_token_detokenizer do not fit together (pool window or width).",
+            "re-save the pipeline with a matching tokenizer/detokenizer pair.",
+        )
+    return AudioTokenizerConfig(
+        hidden=int(detok.get("hidden_size", 2048)),
+        pool_window=pool,
+        levels=tuple(int(v) for v in (tok.get("fsq_input_levels") or [8, 8, 8, 5, 5, 5])),
+        num_quantizers=int(tok.get("fsq_input_num_quantizers", 1)),
+    )
+
+
 def scheduler_config(model_dir: str | Path) -> dict:
     """The checkpoint's scheduler config (the runtime mirrors shift and num_train_timesteps)."""
     return _read_json(Path(model_dir) / "scheduler" / "scheduler_config.json")
@@ -119,6 +143,14 @@ def load_component(model_dir: str | Path, name: str):
             from diffusers.pipelines.ace_step.modeling_ace_step import AceStepConditionEncoder
 
             module = AceStepConditionEncoder.from_pretrained(sub, torch_dtype=torch.float32)
+        elif name == "audio_tokenizer":
+            from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenizer
+
+            module = AceStepAudioTokenizer.from_pretrained(sub, torch_dtype=torch.float32)
+        elif name == "audio_token_detokenizer":
+            from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenDetokenizer
+
+            module = AceStepAudioTokenDetokenizer.from_pretrained(sub, torch_dtype=torch.float32)
         elif name == "vae":
             from diffusers import AutoencoderOobleck
 

@@ -24,19 +24,24 @@ from acestep_trt.runtime import artifacts as art
 from acestep_trt.runtime import staging as stg
 from acestep_trt.runtime.errors import InputError
 from acestep_trt.runtime.specs import (
+    AUDIO_DETOKENIZER,
+    AUDIO_TOKENIZER,
+    COVER_BLEND,
+    VAE_ENCODER,
     CONDITION_ENCODER,
     DIT_STEP,
-    GRAPH_NAMES,
     TEXT_ENCODER,
     VAE_DECODER,
     GraphSpec,
     ModelConfig,
     all_specs,
+    audio_specs,
 )
 
 from . import precision as prec
 from . import validate as val
-from .checkpoint import inspect_checkpoint, load_component, memory_geometry, scheduler_config
+from .checkpoint import (inspect_audio_tokenizer, inspect_checkpoint, load_component, memory_geometry,
+                         scheduler_config)
 from .children import run_in_child
 from .quantize import quantize_int8
 
@@ -44,7 +49,10 @@ log = logging.getLogger(__name__)
 
 OPSET = 20
 DIM_MAX = {"batch": 256, "text_len": 4096, "lyric_len": 8192, "timbre_len": 1 << 16, "cond_len": 1 << 14,
-           "latent_len": 1 << 17}
+           "latent_len": 1 << 17, "audio_len": 1 << 26, "patches": 1 << 15}
+# Graphs traced in one child process (one torch import each); graphs of the same component share a child.
+EXPORT_GROUPS = ((TEXT_ENCODER,), (CONDITION_ENCODER, AUDIO_TOKENIZER, AUDIO_DETOKENIZER), (DIT_STEP,),
+                 (VAE_DECODER, VAE_ENCODER))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 WORK_DIR = ".work"  # reference outputs and constants handed from the tracing child to this process
 
@@ -93,18 +101,42 @@ def _vae_ref(module, feeds):
     return {"audio": module.decode(feeds["latents"]).sample}
 
 
+def _vae_encoder_ref(module, feeds):
+    posterior = module.encode(feeds["audio"]).latent_dist
+    return {"mean": posterior.mean, "std": posterior.std}
+
+
+def _tokenizer_ref(module, feeds):
+    quantized, indices = module(feeds["latent_patches"])
+    return {"quantized": quantized, "indices": indices}
+
+
+def _detokenizer_ref(module, feeds):
+    return {"latents": module(feeds["quantized"])}
+
+
 def _recipes() -> dict[str, GraphRecipe]:
     from .graphs.condition_encoder import ConditionEncoderAdapter
     from .graphs.dit_step import DitStepAdapter
     from .graphs.text_encoder import TextEncoderAdapter
+    from .graphs.audio_tokenizer import AudioDetokenizerAdapter, AudioTokenizerAdapter
     from .graphs.vae_decoder import VaeDecoderAdapter
+    from .graphs.vae_encoder import VaeEncoderAdapter
 
     return {
         TEXT_ENCODER: GraphRecipe("text_encoder", TextEncoderAdapter, _text_ref),
         CONDITION_ENCODER: GraphRecipe("condition_encoder", ConditionEncoderAdapter, _cond_ref),
         DIT_STEP: GraphRecipe("transformer", DitStepAdapter, _dit_ref),
         VAE_DECODER: GraphRecipe("vae", VaeDecoderAdapter, _vae_ref),
+        VAE_ENCODER: GraphRecipe("vae", VaeEncoderAdapter, _vae_encoder_ref),
+        AUDIO_TOKENIZER: GraphRecipe("audio_tokenizer", AudioTokenizerAdapter, _tokenizer_ref),
+        AUDIO_DETOKENIZER: GraphRecipe("audio_token_detokenizer", AudioDetokenizerAdapter, _detokenizer_ref),
     }
+
+
+def export_specs(cfg: ModelConfig, model_dir) -> dict[str, GraphSpec]:
+    """Every graph this checkpoint exports: the four core graphs plus the audio-to-audio ones it supports."""
+    return {**all_specs(cfg), **audio_specs(cfg, inspect_audio_tokenizer(model_dir))}
 
 
 @dataclass
@@ -232,15 +264,17 @@ def export_artifacts(
     staging = stg.make_staging(out_dir)  # marked with our pid; stale ones of killed exports are removed
     report = ExportReport(out_dir=out_dir, precision=plan)
     try:
-        specs = all_specs(cfg)
-        extra: dict = {}
-        with tqdm(total=len(GRAPH_NAMES) + 1, desc="export", unit="graph", disable=not progress) as bar:
-            for name in GRAPH_NAMES:
-                bar.set_postfix_str(name)
+        specs = export_specs(cfg, model_dir)
+        extra: dict = {"audio_tokenizer": inspect_audio_tokenizer(model_dir)}
+        groups = [tuple(n for n in group if n in specs) for group in EXPORT_GROUPS]
+        with tqdm(total=len(groups) + 1, desc="export", unit="graph", disable=not progress) as bar:
+            for names in groups:
+                bar.set_postfix_str("+".join(names))
                 started = time.perf_counter()
-                _export_one(model_dir, staging, name, specs[name], plan, validate, report, extra, loras or [])
-                report.seconds[name] = time.perf_counter() - started
+                _export_group(model_dir, staging, names, specs, plan, validate, report, extra, loras or [])
+                report.seconds["+".join(names)] = time.perf_counter() - started
                 bar.update()
+            _export_cover_blend(staging, specs[COVER_BLEND], validate, report)
             bar.set_postfix_str("constants")
             _write_side_files(model_dir, staging, extra)
             shutil.rmtree(staging / WORK_DIR, ignore_errors=True)
@@ -261,35 +295,73 @@ def _apply_umask(root: Path) -> None:
         path.chmod(art.default_mode(path.is_dir()))
 
 
-def _export_one(model_dir, staging, name, spec, plan, validate, report, extra, loras=()) -> None:
+def _export_group(model_dir, staging, names, specs, plan, validate, report, extra, loras=()) -> None:
     """Trace in a child process, then validate here once the child (and the PyTorch weights) are gone.
 
     torch's ONNX exporter keeps references to the traced module's parameters after export (module-level
     state reached through closures), so tracing in this process would keep every graph's fp32 weights
     alive next to the validation session: 17 GiB peak for the full-size DiT, too much for an XL model
-    on a 24 GB machine. A spawned child per graph returns its memory to the system when it exits.
+    on a 24 GB machine. A child per group of graphs that share a component (forked from a server that has
+    imported torch and diffusers: :mod:`acestep_trt.export.children`) returns its memory when it exits.
     """
-    log.info("exporting %s", name)
+    log.info("exporting %s", ", ".join(names))
     (staging / WORK_DIR).mkdir(exist_ok=True)
-    dtype = plan.graphs[name]
-    result = run_in_child(f"tracing {name}", _trace_in_child, str(model_dir), str(staging), name, validate,
-                          prec.trace_dtype(dtype), list(loras))
-    if dtype == "int8":  # in a child of its own: quantising holds the fp32 and int8 weights at once
-        run_in_child(f"quantising {name}", quantize_int8, staging / f"{name}.onnx", name)
-        result["scalars"].pop("dit_parameters", None)  # it names fp32 initializers the quantiser replaced
-    extra.update(result["scalars"])
-    extra.update({key: np.load(path, mmap_mode="r") for key, path in result["arrays"].items()})  # read when written
+    dtypes = {name: _graph_dtype(plan, name) for name in names}
+    traced = {name: prec.trace_dtype(dtype) for name, dtype in dtypes.items()}
+    results = run_in_child(f"tracing {', '.join(names)}", _trace_group_in_child, str(model_dir), str(staging),
+                           names, validate, traced, list(loras))
+    for name, result in zip(names, results):
+        if dtypes[name] == "int8":  # in a child of its own: quantising holds the fp32 and int8 weights at once
+            run_in_child(f"quantising {name}", quantize_int8, staging / f"{name}.onnx", name)
+            result["scalars"].pop("dit_parameters", None)  # it names fp32 initializers the quantiser replaced
+        extra.update(result["scalars"])
+        extra.update({key: np.load(path, mmap_mode="r") for key, path in result["arrays"].items()})  # read when written
+        if validate:
+            with open(result["cases"], "rb") as fh:
+                cases = pickle.load(fh)
+            snr = plan.min_snr_db(name) if name in plan.graphs else None
+            rows = validate_graph(cases, specs[name], staging / f"{name}.onnx", dtypes[name], snr)
+            report.comparisons.extend(rows)
+            for row in rows:
+                log.info("%s", row.row())
+            val.raise_on_failure(rows)
+
+
+def _graph_dtype(plan: prec.PrecisionPlan, name: str) -> str:
+    """The precision plan covers the four core graphs; the audio-to-audio graphs are always fp32."""
+    return plan.graphs.get(name, "fp32")
+
+
+def _export_cover_blend(staging: Path, spec: GraphSpec, validate: bool, report: ExportReport) -> None:
+    """Write ``cover_blend`` (no weights, no tracing) and check it against its NumPy reference."""
+    from .graphs.cover_blend import reference, write_cover_blend
+
+    path = staging / f"{COVER_BLEND}.onnx"
+    write_cover_blend(spec, path, OPSET)
     if validate:
-        with open(result["cases"], "rb") as fh:
-            cases = pickle.load(fh)
-        rows = validate_graph(cases, spec, staging / f"{name}.onnx", dtype, plan.min_snr_db(name))
+        cases = []
+        for i, dims in enumerate([{"batch": 1, "latent_len": 9}, {"batch": 3, "latent_len": 31}]):
+            rng = np.random.default_rng(i)
+            shape = (dims["batch"], dims["latent_len"], spec.inputs[0].dims[-1])
+            feeds = {"cover_latents": rng.standard_normal(shape).astype(np.float32),
+                     "text2music_latents": rng.standard_normal(shape).astype(np.float32),
+                     "strength": np.array([0.6], np.float32)}
+            cases.append((dims, feeds, reference(feeds)))
+        rows = validate_graph(cases, spec, path)
         report.comparisons.extend(rows)
-        for row in rows:
-            log.info("%s", row.row())
         val.raise_on_failure(rows)
 
 
-def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dtype: str, loras=()) -> dict:
+def _trace_group_in_child(model_dir: str, staging: str, names: tuple, validate: bool, dtypes: dict,
+                          loras=()) -> list:
+    """Child process: :func:`_trace_in_child` for each graph of a group, loading each component once."""
+    modules: dict = {}
+    return [_trace_in_child(model_dir, staging, name, validate, dtypes[name], modules, loras)
+            for name in names]
+
+
+def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dtype: str,
+                    modules: dict | None = None, loras=()) -> dict:
     """Child process: load one component, trace it in ``dtype``, save fp32 reference outputs and constants.
 
     References and constants come from the fp32 module, before it is cast for a reduced-precision trace.
@@ -301,8 +373,11 @@ def _trace_in_child(model_dir: str, staging: str, name: str, validate: bool, dty
     warnings.simplefilter("ignore")
     staging_path, work = Path(staging), Path(staging) / WORK_DIR
     cfg = inspect_checkpoint(model_dir)
-    recipe, spec = _recipes()[name], all_specs(cfg)[name]
-    module = load_component(model_dir, recipe.component)
+    recipe, spec = _recipes()[name], export_specs(cfg, model_dir)[name]
+    modules = {} if modules is None else modules
+    if recipe.component not in modules:
+        modules[recipe.component] = load_component(model_dir, recipe.component)
+    module = modules[recipe.component]
     result: dict = {"cases": None, "arrays": {}, "scalars": {}}
     if name == DIT_STEP and loras:  # fused before the references, so validation compares like with like
         from .weight_map import fuse_loras
@@ -342,12 +417,21 @@ def _collect_constants(name: str, module, cfg: ModelConfig, extra: dict) -> None
         from .graphs.vae_decoder import receptive_field
 
         extra["vae_receptive_field"] = receptive_field(module, cfg.hop_length)
+    elif name == VAE_ENCODER:
+        from .graphs.vae_encoder import encoder_receptive_field
+
+        extra["vae_encoder_receptive_field"] = encoder_receptive_field(module, cfg.hop_length)
+    elif name == AUDIO_TOKENIZER:
+        from .graphs.audio_tokenizer import fsq_constants
+
+        extra.update(fsq_constants(module))
 
 
 def _write_side_files(model_dir: Path, staging: Path, extra: dict) -> None:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(extra[k]) for k in art.CONSTANT_NAMES}, str(staging / art.CONSTANTS))
+    names = [*art.CONSTANT_NAMES, *(k for k in art.OPTIONAL_CONSTANT_NAMES if k in extra)]
+    save_file({k: np.ascontiguousarray(extra[k]) for k in names}, str(staging / art.CONSTANTS))
     tok_dir = staging / art.TOKENIZER_DIR
     tok_dir.mkdir()
     for fname in TOKENIZER_FILES:
@@ -362,11 +446,12 @@ def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != stg.STAGING_MARKER)
     graphs = {}
     for name, spec in specs.items():
-        graphs[name] = {"onnx": f"{name}.onnx", "opset": OPSET, "precision": report.precision.graphs[name],
+        graphs[name] = {"onnx": f"{name}.onnx", "opset": OPSET, "precision": _graph_dtype(report.precision, name),
                         "spec": spec.to_dict()}
     if "dit_parameters" in extra:  # export/weight_map.py; none for an int8 DiT (LoRA fused at export only)
         graphs[DIT_STEP]["parameters"] = extra["dit_parameters"]
     graphs[DIT_STEP]["fused_lora"] = extra.get("fused_lora", [])
+    tok = extra.get("audio_tokenizer")
     manifest = {
         "format_version": art.FORMAT_VERSION,
         "toolkit_version": acestep_trt.__version__,
@@ -374,7 +459,9 @@ def _write_manifest(model_dir, staging, cfg, specs, report, extra) -> None:
         "source": {"model_dir": str(model_dir.resolve())},
         "model": cfg.to_dict(),
         "scheduler": scheduler_config(model_dir),
-        "vae": {"receptive_field_frames": int(extra["vae_receptive_field"])},
+        "vae": {"receptive_field_frames": int(extra["vae_receptive_field"]),
+                "encoder_receptive_field_frames": int(extra["vae_encoder_receptive_field"])},
+        "audio_tokenizer": tok.to_dict() if tok is not None else None,
         "geometry": memory_geometry(model_dir),  # for the runtime's peak-memory estimate (runtime/limits.py)
         "precision": report.precision.to_dict(),
         "graphs": graphs,

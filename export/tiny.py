@@ -54,6 +54,10 @@ class TinyConfig:
     vocab_size: int = 400
     vae_channels: int = 4
     vae_multiples: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 2])
+    # The encoder's base width is its output width, posterior mean + scale: 2 x 64 latent channels, as real.
+    vae_encoder_channels: int = 128
+    audio_tokenizer: bool = True  # include the optional audio_tokenizer / audio_token_detokenizer pair
+    tokenizer_layers: int = 2
     padding_side: str = "left"  # Qwen3-Embedding pads on the left
     is_turbo: bool = True
     seed: int = 0
@@ -155,7 +159,7 @@ def build_pipeline(cfg: TinyConfig | None = None):
     with torch.no_grad():  # a real checkpoint ships VAE-encoded silence, never zeros
         condition_encoder.silence_latent.normal_(0.0, 0.5)
     vae = AutoencoderOobleck(
-        encoder_hidden_size=cfg.vae_channels,
+        encoder_hidden_size=cfg.vae_encoder_channels,
         downsampling_ratios=[2, 4, 4, 6, 10],
         channel_multiples=list(cfg.vae_multiples),
         decoder_channels=cfg.vae_channels,
@@ -165,6 +169,7 @@ def build_pipeline(cfg: TinyConfig | None = None):
     )
     _randomize_snake(vae)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
+    audio_modules = _audio_tokenizer_pair(cfg, enc_hidden) if cfg.audio_tokenizer else {}
     pipe = AceStepPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -172,10 +177,24 @@ def build_pipeline(cfg: TinyConfig | None = None):
         transformer=transformer,
         condition_encoder=condition_encoder,
         scheduler=scheduler,
+        **audio_modules,
     )
-    for module in (vae, text_encoder, transformer, condition_encoder):
+    for module in (vae, text_encoder, transformer, condition_encoder, *audio_modules.values()):
         module.eval()
     return pipe
+
+
+def _audio_tokenizer_pair(cfg: TinyConfig, hidden: int) -> dict:
+    """The optional 5 Hz audio tokenizer and detokenizer (real pool window 5 and FSQ levels), as the
+    pipeline registers them (``audio_tokenizer``, ``audio_token_detokenizer``)."""
+    from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenDetokenizer, AceStepAudioTokenizer
+
+    shared = dict(hidden_size=hidden, intermediate_size=cfg.intermediate, audio_acoustic_hidden_dim=64,
+                  pool_window_size=5, num_attention_pooler_hidden_layers=cfg.tokenizer_layers,
+                  num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                  sliding_window=cfg.sliding_window)
+    return {"audio_tokenizer": AceStepAudioTokenizer(fsq_dim=hidden, **shared),
+            "audio_token_detokenizer": AceStepAudioTokenDetokenizer(**shared)}
 
 
 def _randomize_snake(vae) -> None:

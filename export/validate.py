@@ -18,16 +18,19 @@ from acestep_trt.runtime.specs import GraphSpec, ModelConfig
 
 def trace_dims(cfg: ModelConfig) -> dict[str, int]:
     """Small dims used for tracing (batch 2: a traced 1 would be specialised by the exporter)."""
-    return {"batch": 2, "text_len": 7, "lyric_len": 9, "timbre_len": 10, "cond_len": 17, "latent_len": 12}
+    return {"batch": 2, "text_len": 7, "lyric_len": 9, "timbre_len": 10, "cond_len": 17, "latent_len": 12,
+            "audio_len": 4 * cfg.hop_length + 100, "patches": 3}
 
 
 def validation_dims(cfg: ModelConfig) -> list[dict[str, int]]:
     """Dim bindings unlike the traced ones: odd latent lengths, beyond the sliding window, batch 1 and 3."""
     beyond = cfg.patch_size * cfg.sliding_window + 7  # odd, and > window in patched tokens
+    # audio lengths that are not multiples of the hop; patch counts unlike the traced 3
     return [
         {"batch": 1, "text_len": 13, "lyric_len": cfg.sliding_window + 5, "timbre_len": cfg.sliding_window + 3,
-         "cond_len": 23, "latent_len": beyond},
-        {"batch": 3, "text_len": 5, "lyric_len": 4, "timbre_len": 6, "cond_len": 11, "latent_len": 9},
+         "cond_len": 23, "latent_len": beyond, "audio_len": 7 * cfg.hop_length + 1234, "patches": 7},
+        {"batch": 3, "text_len": 5, "lyric_len": 4, "timbre_len": 6, "cond_len": 11, "latent_len": 9,
+         "audio_len": 2 * cfg.hop_length + 5, "patches": 1},
     ]
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError
-from .specs import GRAPH_NAMES, GraphSpec, ModelConfig, all_specs
+from .specs import (AUDIO_GRAPH_NAMES, GRAPH_NAMES, AudioTokenizerConfig, GraphSpec, ModelConfig, all_specs,
+                    audio_specs)
 from .staging import STAGING_MARKER, read_marker
 
 
@@ -35,6 +36,7 @@ CONSTANTS = "constants.safetensors"
 TOKENIZER_DIR = "tokenizer"
 VERIFIED_CACHE = ".verified.json"
 CONSTANT_NAMES = ("silence_latent", "null_condition_emb", "lyric_embedding")
+OPTIONAL_CONSTANT_NAMES = ("fsq_project_out_weight", "fsq_project_out_bias")  # with the audio tokenizer
 
 _REEXPORT = "re-run `acestep-trt export MODEL_DIR ARTIFACTS_DIR --overwrite` to rebuild the artifacts."
 
@@ -69,7 +71,8 @@ class Artifacts:
     root: Path
     manifest: dict
     config: ModelConfig
-    specs: dict[str, GraphSpec]
+    specs: dict[str, GraphSpec]  # the four core graphs (engines, Triton, precision recipes iterate these)
+    audio_specs: dict[str, GraphSpec] = field(default_factory=dict)  # the optional audio-to-audio graphs present
     identity: dict = field(default_factory=dict)  # path -> (device, inode, size, mtime) when verified
 
     def check_unchanged(self) -> None:
@@ -96,6 +99,30 @@ class Artifacts:
     @property
     def tokenizer_dir(self) -> Path:
         return self.root / TOKENIZER_DIR
+
+    def has_graph(self, name: str) -> bool:
+        """Whether this directory holds ``name`` (the audio-to-audio graphs are optional)."""
+        return name in self.specs or name in self.audio_specs
+
+    def spec(self, name: str) -> GraphSpec:
+        """The spec of a core or audio-to-audio graph."""
+        return self.specs[name] if name in self.specs else self.audio_specs[name]
+
+    @property
+    def audio_graphs(self) -> list[str]:
+        """The optional audio-to-audio graphs present here, in :data:`AUDIO_GRAPH_NAMES` order."""
+        return [n for n in AUDIO_GRAPH_NAMES if n in self.audio_specs]
+
+    @property
+    def audio_tokenizer(self) -> AudioTokenizerConfig | None:
+        """Geometry of the audio tokenizer pair, or None when the checkpoint had none."""
+        data = self.manifest.get("audio_tokenizer")
+        return AudioTokenizerConfig.from_dict(data) if data else None
+
+    @property
+    def vae_encoder_receptive_field(self) -> int:
+        """Latent frames each side that one audio sample influences in the VAE encoder (measured at export)."""
+        return int(self.manifest.get("vae", {}).get("encoder_receptive_field_frames", 16))
 
     @property
     def vae_receptive_field(self) -> int:
@@ -222,14 +249,15 @@ def _is_graph_file(path: str, onnx_names: list[str]) -> bool:
     return any(path == name or path.startswith(name + ".") for name in onnx_names)
 
 
-def _check_interfaces(root: Path, config: ModelConfig, specs: dict[str, GraphSpec]) -> None:
+def _check_interfaces(root: Path, config: ModelConfig, specs: dict[str, GraphSpec],
+                      tok: AudioTokenizerConfig | None = None) -> None:
     """The graphs must have the inputs and outputs this runtime drives (an older export may not)."""
-    expected = all_specs(config)
-    for name in GRAPH_NAMES:
-        have, want = specs[name], expected[name]
-        if (have.inputs, have.outputs) != (want.inputs, want.outputs):
+    expected = {**all_specs(config), **audio_specs(config, tok)}
+    for name in specs:
+        have, want = specs[name], expected.get(name)  # a tokenizer graph without its manifest record: no match
+        if want is None or (have.inputs, have.outputs) != (want.inputs, want.outputs):
             missing = sorted({t.name for t in (*want.inputs, *want.outputs)}
-                             - {t.name for t in (*have.inputs, *have.outputs)})
+                             - {t.name for t in (*have.inputs, *have.outputs)}) if want else []
             detail = f" (missing {', '.join(missing)})" if missing else ""
             raise ArtifactError(
                 f"{root}: graph {name} does not have the interface this toolkit drives{detail}; the directory was "
@@ -248,15 +276,19 @@ def load_artifacts(root: str | Path, verify: bool = True, graphs: bool = True) -
     manifest = read_manifest(root)
     try:
         config = ModelConfig.from_dict(manifest["model"])
-        specs = {name: GraphSpec.from_dict(manifest["graphs"][name]["spec"]) for name in GRAPH_NAMES}
-        onnx_names = [manifest["graphs"][name]["onnx"] for name in GRAPH_NAMES]
+        names = [*GRAPH_NAMES, *(n for n in AUDIO_GRAPH_NAMES if n in manifest["graphs"])]
+        every = {name: GraphSpec.from_dict(manifest["graphs"][name]["spec"]) for name in names}
+        onnx_names = [manifest["graphs"][name]["onnx"] for name in names]
         records = [r for r in manifest["files"] if graphs or not _is_graph_file(r["path"], onnx_names)]
+        tok = AudioTokenizerConfig.from_dict(manifest["audio_tokenizer"]) if manifest.get("audio_tokenizer") else None
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root / MANIFEST} is incomplete (missing {exc}).", _REEXPORT) from None
-    _check_interfaces(root, config, specs)
+    _check_interfaces(root, config, every, tok)
     identity = _identities(root, [MANIFEST] + [r["path"] for r in records])
     verify_files(root, records, full_hash=verify)
     if _identities(root, list(identity)) != identity:  # replaced while we hashed
         raise ArtifactError(f"{root} was replaced (re-exported) while it was being verified.",
                             "load it again once the export has finished.")
-    return Artifacts(root=root, manifest=manifest, config=config, specs=specs, identity=identity)
+    specs = {n: every[n] for n in GRAPH_NAMES}
+    return Artifacts(root=root, manifest=manifest, config=config, specs=specs,
+                     audio_specs={n: s for n, s in every.items() if n not in specs}, identity=identity)

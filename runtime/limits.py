@@ -138,33 +138,35 @@ def check_texts(prompts, lyrics, languages, bpm=None, keyscale=None, timesignatu
 def check_audio(array, name: str, sample_rate: int, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """An audio input (``src_audio``, ``reference_audio``) -> float32 ``[channels, samples]``, or InputError.
 
-    Accepts ``[samples]`` (mono) or ``[channels, samples]`` with 1 or 2 channels at ``sample_rate`` (the VAE's
-    rate; diffusers takes the same layout), finite, non-empty and at most ``limits.max_audio_seconds`` long.
+    Takes a float array ``[channels, samples]`` with 1 or 2 channels at ``sample_rate`` (the VAE's rate;
+    diffusers takes the same layout), finite, non-empty and at most ``limits.max_audio_seconds`` long.
+    Integer PCM is refused rather than guessed at (its scale is not [-1, 1]).
     """
     try:
         audio = np.asarray(array)
     except Exception:  # noqa: BLE001  ragged lists and the like
         audio = None
-    if audio is None or audio.dtype.kind not in "fiu" or audio.ndim not in (1, 2):
-        raise InputError(f"`{name}` must be a numeric array [channels, samples], got "
+    if audio is None or audio.dtype.kind not in "fiu" or audio.ndim != 2:
+        raise InputError(f"`{name}` must be a numeric float array [channels, samples], got "
                          f"{getattr(audio, 'shape', type(array).__name__)}.",
-                         f"pass {name} as a float array [2, samples] at {sample_rate} Hz.")
-    if audio.ndim == 1:
-        audio = audio[None]
+                         f"pass {name} as a float array [2, samples] at {sample_rate} Hz (mono: [1, samples]).")
+    if audio.dtype.kind != "f":
+        raise InputError(f"`{name}` must be a float array (samples in [-1, 1]), got {audio.dtype}.",
+                         "convert integer PCM first, e.g. soundfile.read(path, dtype='float32').")
     channels, samples = audio.shape
     if channels not in AUDIO_CHANNELS:
         hint = " (it looks like [samples, channels]: transpose it)" if samples in AUDIO_CHANNELS else ""
         raise InputError(f"`{name}` has {channels} channels{hint}; 1 or 2 are supported.",
                          f"pass {name} as [channels, samples] with mono or stereo audio.")
     if samples == 0:
-        raise InputError(f"`{name}` is empty.", f"pass at least one sample of {name}.")
+        raise InputError(f"`{name}` is empty (0 samples).", f"pass at least one sample of {name}.")
     seconds = samples / sample_rate
     if seconds > limits.max_audio_seconds:
         raise InputError(f"`{name}` is {seconds:g} s long; at most {limits.max_audio_seconds:g} s are allowed.",
                          f"trim {name}, or raise Limits(max_audio_seconds=...).")
     audio = audio.astype(np.float32)
     if not np.all(np.isfinite(audio)):
-        raise InputError(f"`{name}` contains NaN or Inf.", f"pass finite samples in [-1, 1] for {name}.")
+        raise InputError(f"`{name}` contains NaN or Inf samples.", f"pass finite samples in [-1, 1] for {name}.")
     return audio
 
 

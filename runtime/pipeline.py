@@ -1,9 +1,11 @@
 """``AceStepRuntime``: text-to-music from an artifact directory, without PyTorch.
 
-The call mirrors ``AceStepPipeline.__call__`` (same keyword names and meaning) for the text2music task:
-format and tokenise, text encoder, lyric embedding lookup, condition encoder with the silence latent
-as timbre reference, flow-matching Euler loop over ``dit_step`` (APG guidance on non-turbo checkpoints),
-windowed VAE decode, -1 dBFS peak normalisation.
+The call mirrors ``AceStepPipeline.__call__`` (same keyword names and meaning) for all six tasks:
+format and tokenise, text encoder, lyric embedding lookup, condition encoder with the silence latent (or the
+encoded ``reference_audio``) as timbre reference, flow-matching Euler loop over ``dit_step`` (APG guidance on
+non-turbo checkpoints; two conditions blended for ``audio_cover_strength < 1``), windowed VAE decode, -1 dBFS
+peak normalisation. What each task changes (instruction, source latents, chunk mask, extra condition) lives
+in :mod:`acestep_trt.runtime.tasks`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import numpy as np
 
 from . import limits as lim
 from . import scheduler as sched
+from . import tasks as task_lib
 from .artifacts import Artifacts, load_artifacts
 from .backends import GraphRunner, resolve_backend
 from .errors import InputError
 from .failures import guard_call, guard_runners
 from .prompt import TEXT2MUSIC_INSTRUCTION, format_prompt
-from .specs import CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, TEXT_ENCODER, VAE_DECODER
+from .specs import COVER_BLEND, CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
 from .tokenizer import TextTokenizer
-from .vae import DEFAULT_VAE_WINDOW, decode_windowed, normalize_peak, window_overlap
+from .vae import DEFAULT_VAE_WINDOW, decode_windowed, encode_windowed, normalize_peak, window_overlap
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class AceStepOutput:
     sample_rate: int
     seeds: list[int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    task: str = "text2music"  # what the task did with its inputs (runtime.tasks.describe)
 
 
 def _as_list(value, batch: int, name: str) -> list:
@@ -48,6 +52,21 @@ def _as_list(value, batch: int, name: str) -> list:
     if isinstance(value, (list, tuple)) and len(value) == batch:
         return list(value)
     raise InputError(f"`{name}` must be a string or a list of {batch} strings.", f"pass one {name} per prompt.")
+
+
+def _audio_seed(seed, seeds: list[int] | None) -> int | None:
+    """The seed of the posterior noise: the call's (first) seed; None (fresh entropy) when it has none."""
+    if seeds:
+        return seeds[0]
+    if isinstance(seed, (list, tuple)):
+        return int(seed[0]) if seed else None
+    return int(seed) if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) else None
+
+
+def _ort_has_cuda() -> bool:
+    from .backends.ort import cuda_available
+
+    return cuda_available()
 
 
 def _finite_positive(value, name: str, kind=float) -> None:
@@ -79,9 +98,7 @@ def check_arguments(duration, steps=8, shift=3.0, guidance=1.0, task_type="text2
     if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
         raise InputError(f"`guidance_scale` must be a finite number >= 0, got {guidance!r}.",
                          "use 1.0 to disable guidance.")
-    if task_type != "text2music":
-        raise InputError(f"task_type {task_type!r} is not supported by the runtime yet (it needs the VAE "
-                         "encoder and audio tokenizer graphs).", "use task_type='text2music'.")
+    task_lib.check_task_type(task_type)
     if output_type not in ("np", "latent"):
         raise InputError(f"output_type {output_type!r} is not supported.", "use 'np' or 'latent'.")
     if not all(lim._is_number(v) for v in (cfg_start, cfg_end)) or not (0.0 <= cfg_start <= cfg_end <= 1.0):
@@ -144,12 +161,17 @@ class AceStepRuntime:
             from .backends.trt import load_engines
 
             runners = load_engines(artifacts, engine_dir, int(vae_window))
+            audio_device = device if device == "cpu" or _ort_has_cuda() else "cpu"
         else:
             runners = {
                 name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device, threads,
                                artifacts.precision(name), emulate_precision)
                 for name in GRAPH_NAMES
             }
+            audio_device = device
+        for name in artifacts.audio_graphs:  # audio-to-audio graphs: ONNX Runtime (no TensorRT engines yet)
+            runners[name] = OrtGraph(artifacts.graph_path(name), artifacts.audio_specs[name], audio_device,
+                                     threads, artifacts.precision(name), emulate_precision)
         runtime = cls(artifacts, runners, kind, device, int(vae_window), device_loop, limits)
         artifacts.check_unchanged()  # every file opened is the one verified (no re-export in between)
         return runtime
@@ -206,10 +228,13 @@ class AceStepRuntime:
         tiled = np.tile(silence, (1, reps, 1))[:, :frames, :]
         return np.ascontiguousarray(np.broadcast_to(tiled, (batch,) + tiled.shape[1:]), dtype=np.float32)
 
-    def encode_condition(self, text_hidden, text_mask, lyric_hidden, lyric_mask) -> np.ndarray:
-        """Condition encoder with the silence latent as timbre reference. -> [B, C, cond_hidden]."""
+    def encode_condition(self, text_hidden, text_mask, lyric_hidden, lyric_mask, timbre=None) -> np.ndarray:
+        """Condition encoder with ``timbre`` [B, T_ref, 64] (default: the silence latent) as timbre reference.
+
+        -> [B, C, cond_hidden].
+        """
         batch = text_hidden.shape[0]
-        timbre = self.silence_latents(self.config.timbre_frames, batch)
+        timbre = self.silence_latents(self.config.timbre_frames, batch) if timbre is None else timbre
         out = self.runners[CONDITION_ENCODER].run({
             "text_hidden_states": text_hidden.astype(np.float32),
             "text_attention_mask": text_mask,
@@ -219,6 +244,26 @@ class AceStepRuntime:
         })
         return out["encoder_hidden_states"]
 
+    def encode_audio(self, audio: np.ndarray, posterior: str = "sample", seed: int | None = None,
+                     stream: int = task_lib.SOURCE_STREAM, window: int | None = None) -> np.ndarray:
+        """audio [B, 2, S] -> latents [B, S // hop, 64]: the VAE posterior, encoded in overlapping windows.
+
+        ``posterior="sample"``: ``mean + std * noise`` (noise from ``SeedSequence([seed, stream])``, see
+        :mod:`acestep_trt.runtime.tasks`); ``"mode"``: the mean. ``window``: core frames per encoded window
+        (default: the decoder's ``vae_window``).
+        """
+        runner = self.runners[VAE_ENCODER]
+
+        def encode(chunk):
+            out = runner.run({"audio": chunk})
+            return out["mean"], out["std"]
+
+        overlap = window_overlap(self.artifacts.vae_encoder_receptive_field)
+        mean, std = encode_windowed(encode, np.ascontiguousarray(audio, dtype=np.float32), self.config.hop_length,
+                                    window or self.vae_window, overlap)
+        latents = mean if posterior == "mode" else mean + std * task_lib.posterior_noise(seed, stream, mean.shape)
+        return np.ascontiguousarray(latents.transpose(0, 2, 1), dtype=np.float32)
+
     def dit_step(self, latents, t, dt, condition, context) -> dict[str, np.ndarray]:
         """One ``dit_step`` on the host: {"velocity", "next_latents"}, each [B, T, 64]."""
         batch = latents.shape[0]
@@ -227,8 +272,13 @@ class AceStepRuntime:
                  "dt": np.full((batch,), dt, np.float32)}
         return self.runners[DIT_STEP].run(feeds)
 
-    def denoise_host(self, x, ts, sigmas, condition, context, guidance=None, progress=None) -> np.ndarray:
-        """Euler loop with host arrays; ``guidance`` = (scale, null condition, interval) enables APG."""
+    def denoise_host(self, x, ts, sigmas, condition, context, guidance=None, progress=None,
+                     blend=None) -> np.ndarray:
+        """Euler loop with host arrays; ``guidance`` = (scale, null condition, interval) enables APG;
+        ``blend`` = (audio_cover_strength, text2music condition) blends a second velocity every step.
+
+        The text2music condition has its own length, so it runs as a second DiT evaluation (as diffusers).
+        """
         batch = x.shape[0]
         buffer = sched.MomentumBuffer(-0.75)
         if guidance:  # the conditional and unconditional halves, built once for every guided step
@@ -236,9 +286,15 @@ class AceStepRuntime:
             both_condition, both_context = np.concatenate([condition, null]), np.concatenate([context, context])
         for i in range(len(ts)):
             t, dt = np.float32(ts[i]), np.float32(sigmas[i + 1] - sigmas[i])
-            if guidance and guidance[2][0] <= 1.0 - float(t) <= guidance[2][1]:
-                both = self.dit_step(np.concatenate([x, x]), t, dt, both_condition, both_context)["velocity"]
-                v = sched.apg(both[:batch], both[batch:], scale - 1.0, buffer)
+            guided = bool(guidance) and guidance[2][0] <= 1.0 - float(t) <= guidance[2][1]
+            if guided or blend:
+                if guided:
+                    both = self.dit_step(np.concatenate([x, x]), t, dt, both_condition, both_context)["velocity"]
+                    v = sched.apg(both[:batch], both[batch:], scale - 1.0, buffer)
+                else:
+                    v = self.dit_step(x, t, dt, condition, context)["velocity"]
+                if blend:  # diffusers: strength * cover velocity + (1 - strength) * text2music velocity
+                    v = blend[0] * v + (1.0 - blend[0]) * self.dit_step(x, t, dt, blend[1], context)["velocity"]
                 x = sched.euler_step(x, v, sigmas[i], sigmas[i + 1])
             else:
                 x = self.dit_step(x, t, dt, condition, context)["next_latents"]
@@ -246,12 +302,15 @@ class AceStepRuntime:
                 progress.update()
         return x
 
-    def denoise_device(self, x, ts, sigmas, condition, context, progress=None) -> np.ndarray:
+    def denoise_device(self, x, ts, sigmas, condition, context, progress=None, blend=None) -> np.ndarray:
         """Euler loop with IO binding: latents, condition and context stay on the device for every step.
 
         Two preallocated latent buffers alternate as input and output; only the final latents
-        (64 floats per frame) are copied back, for windowed VAE decoding.
+        (64 floats per frame) are copied back, for windowed VAE decoding. ``blend`` = (strength, text2music
+        condition): the DiT runs on the doubled batch and ``cover_blend`` mixes the halves on the device.
         """
+        if blend:
+            return self._denoise_device_blend(x, ts, sigmas, condition, context, blend, progress)
         runner = self.runners[DIT_STEP]
         batch = x.shape[0]
         fixed = {"encoder_hidden_states": runner.to_device(condition), "context_latents": runner.to_device(context)}
@@ -269,6 +328,28 @@ class AceStepRuntime:
             if progress:
                 progress.update()
         return buffers[len(steps) % 2].numpy()
+
+    def _denoise_device_blend(self, x, ts, sigmas, condition, context, blend, progress=None) -> np.ndarray:
+        """:meth:`denoise_device` for cover strength: per step ``dit_step`` with the cover and with the
+        text2music condition from the same latents, then ``cover_blend`` mixes the two next_latents on the device."""
+        runner, mixer = self.runners[DIT_STEP], self.runners[COVER_BLEND]
+        batch = x.shape[0]
+        conditions = (runner.to_device(condition), runner.to_device(blend[1]))
+        context_dev = runner.to_device(context)
+        strength = mixer.to_device(np.array([blend[0]], np.float32))
+        current, cover, plain = runner.to_device(x), runner.empty(x.shape), runner.empty(x.shape)
+        velocity = runner.empty(x.shape)
+        for i in range(len(ts)):
+            step = {"timestep": runner.to_device(np.full((batch,), ts[i], np.float32)),
+                    "dt": runner.to_device(np.full((batch,), sigmas[i + 1] - sigmas[i], np.float32)),
+                    "context_latents": context_dev, "latents": current}
+            for cond, out in zip(conditions, (cover, plain)):
+                runner.run_bound({**step, "encoder_hidden_states": cond}, {"velocity": velocity, "next_latents": out})
+            mixer.run_bound({"cover_latents": cover, "text2music_latents": plain, "strength": strength},
+                            {"latents": current})
+            if progress:
+                progress.update()
+        return current.numpy()
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents [B, T, 64] -> audio [B, 2, T * hop], decoded in overlapping windows."""
@@ -308,6 +389,15 @@ class AceStepRuntime:
         timesteps: Sequence[float] | None = None,
         show_progress: bool | None = None,
         attention_kwargs: dict | None = None,
+        track_name: str | None = None,
+        complete_track_classes: Sequence[str] | None = None,
+        src_audio: np.ndarray | None = None,
+        reference_audio: np.ndarray | None = None,
+        audio_codes: str | Sequence[str] | None = None,
+        repainting_start: float | None = None,
+        repainting_end: float | None = None,
+        audio_cover_strength: float = 1.0,
+        posterior: str = "sample",
     ) -> AceStepOutput:
         """Generate audio; see ``AceStepPipeline.__call__`` for the meaning of each argument.
 
@@ -315,6 +405,11 @@ class AceStepRuntime:
         (``np.random.default_rng(seed).standard_normal``), one generator per item when a list is given.
         It does not reproduce torch's random stream; pass ``latents`` [B, T, 64] for bit-compatible noise.
         ``attention_kwargs={"scale": s}`` scales the loaded LoRA adapters for this call, as in diffusers.
+
+        ``src_audio`` / ``reference_audio``: float32 ``[channels, samples]`` at :attr:`sample_rate` (mono is
+        duplicated). ``posterior``: ``"sample"`` (as diffusers; NumPy noise from the seed, see
+        :mod:`acestep_trt.runtime.tasks`) or ``"mode"`` (the posterior mean). ``output.task`` says what the
+        task did with its inputs.
         """
         from tqdm.auto import tqdm
 
@@ -322,8 +417,12 @@ class AceStepRuntime:
         batch = len(prompts)
         lyrics_list = _as_list(lyrics if lyrics is not None else "", batch, "lyrics")
         languages = _as_list(vocal_language, batch, "vocal_language")
-        audio_duration = 60.0 if audio_duration is None else audio_duration
-        check_arguments(audio_duration, num_inference_steps, shift, guidance_scale, task_type, output_type,
+        task = task_lib.resolve_task(
+            self.artifacts, batch, task_type, instruction, track_name, complete_track_classes, src_audio,
+            reference_audio, audio_codes, repainting_start, repainting_end, audio_cover_strength, audio_duration,
+            posterior, self.limits)
+        audio_duration, frames = task.audio_duration, task.frames
+        check_arguments(audio_duration, num_inference_steps, shift, guidance_scale, task.task_type, output_type,
                         cfg_interval_start, cfg_interval_end, timesteps, self.limits)
         lim.check_texts(prompts, lyrics_list, languages, bpm, keyscale, timesignature, max_text_length,
                         max_lyric_length, instruction)
@@ -332,27 +431,31 @@ class AceStepRuntime:
         from .lora import lora_scale
 
         scale = lora_scale(attention_kwargs)  # the LoRA scale of this call (diffusers' apply_lora_scale)
-        frames = self.config.latent_length(audio_duration)
         noise, seeds = self._initial_latents(latents, seed, batch, frames)  # refuse bad latents before any work
-        self._check_engine_limits(batch, frames, guidance_scale > 1.0 and not self.config.is_turbo)
-        if instruction is None:
-            instruction = TEXT2MUSIC_INSTRUCTION
+        guided = guidance_scale > 1.0 and not self.config.is_turbo
+        self._check_engine_limits(batch, batch * (2 if guided else 1), frames)
+        audio_seed = _audio_seed(seed, seeds)
         timings: dict[str, float] = {}
         if getattr(self, "_lora_controller", None) is not None:
             self._lora_controller.sync(scale)
 
         started = time.perf_counter()
-        text_h, text_m, lyric_h, lyric_m = self.encode_prompt(
-            prompts, lyrics_list, languages, audio_duration, instruction, bpm, keyscale, timesignature,
-            max_text_length, max_lyric_length,
-        )
-        condition = self.encode_condition(text_h, text_m, lyric_h, lyric_m)
+        timbre = task_lib.timbre_latents(self, task, batch, audio_seed)  # reference audio, or None: silence
+        source = task_lib.source_latents(self, task, batch, audio_seed)  # [B, T, 64]
+        timings["audio_encode"] = time.perf_counter() - started
+        started = time.perf_counter()
+        condition = self._condition(prompts, lyrics_list, languages, audio_duration, task.instruction, bpm, keyscale,
+                                    timesignature, max_text_length, max_lyric_length, timbre)
+        blend = None
+        if task.blend:  # a second condition with the text2music instruction, blended every step
+            blend = (task.cover_strength, self._condition(
+                prompts, lyrics_list, languages, audio_duration, TEXT2MUSIC_INSTRUCTION, bpm, keyscale,
+                timesignature, max_text_length, max_lyric_length, timbre))
         timings["encode"] = time.perf_counter() - started
 
-        context = np.concatenate(
-            [self.silence_latents(frames, batch), np.ones((batch, frames, self.config.latent_channels), np.float32)],
-            axis=-1,
-        )  # [B, T, 128]: source latents + chunk mask (all ones for text2music)
+        mask = task_lib.chunk_mask(task.task_type, frames, batch, self.config.latent_channels, task.start, task.end,
+                                   self.config.latents_per_second, task.src is not None)
+        context = np.concatenate([source, mask], axis=-1).astype(np.float32)  # [B, T, 128]: source + chunk mask
 
         guidance = None
         if guidance_scale > 1.0 and not self.config.is_turbo:
@@ -367,29 +470,43 @@ class AceStepRuntime:
         disable = None if show_progress is None else not show_progress  # None: only on a terminal
         engine_loop = getattr(self.runners[DIT_STEP], "denoise", None)  # TensorRT: whole loop on the GPU
         with tqdm(total=len(ts), desc="denoise", unit="step", disable=disable, leave=False) as bar:
-            if guidance is None and engine_loop is not None:
+            if guidance is None and blend is None and engine_loop is not None:
                 x = engine_loop(noise, condition, context, ts, sigmas)
                 bar.update(len(ts))
-            elif guidance is None and self.device_loop:
-                x = self.denoise_device(noise, ts, sigmas, condition, context, bar)
+            elif guidance is None and self.device_loop and engine_loop is None and (
+                    blend is None or COVER_BLEND in self.runners):  # TensorRT with cover strength: host loop
+                x = self.denoise_device(noise, ts, sigmas, condition, context, bar, blend)
             else:  # APG guidance mixes the two halves on the host every step
-                x = self.denoise_host(noise, ts, sigmas, condition, context, guidance, bar)
+                x = self.denoise_host(noise, ts, sigmas, condition, context, guidance, bar, blend)
         timings["denoise"] = time.perf_counter() - started
 
+        summary = task_lib.describe(task, self.config)
         if output_type == "latent":
-            return AceStepOutput(x, self.sample_rate, seeds, timings)
+            return AceStepOutput(x, self.sample_rate, seeds, timings, summary)
         started = time.perf_counter()
         audio = normalize_peak(self.decode(x))
         timings["decode"] = time.perf_counter() - started
-        return AceStepOutput(audio, self.sample_rate, seeds, timings)
+        return AceStepOutput(audio, self.sample_rate, seeds, timings, summary)
 
-    def _check_engine_limits(self, batch: int, frames: int, guided: bool) -> None:
-        """Refuse a batch or duration outside fixed-shape engines (TensorRT profiles) before any work."""
+    def _condition(self, prompts, lyrics, languages, duration, instruction, bpm, keyscale, timesignature,
+                   max_text_length, max_lyric_length, timbre) -> np.ndarray:
+        """Prompt encoding + condition encoder for one instruction. -> [B, C, cond_hidden]."""
+        text_h, text_m, lyric_h, lyric_m = self.encode_prompt(
+            prompts, lyrics, languages, duration, instruction, bpm, keyscale, timesignature,
+            max_text_length, max_lyric_length,
+        )
+        return self.encode_condition(text_h, text_m, lyric_h, lyric_m, timbre)
+
+    def _check_engine_limits(self, batch: int, dit_batch: int, frames: int) -> None:
+        """Refuse a batch or duration outside fixed-shape engines (TensorRT profiles) before any work.
+
+        ``dit_batch``: the DiT's batch per evaluation (APG doubles it).
+        """
         for name, runner in self.runners.items():
             check = getattr(runner, "check_dims", None)
             if check is None:
                 continue
-            dims = {"batch": batch * (2 if guided and name == DIT_STEP else 1)}
+            dims = {"batch": dit_batch if name == DIT_STEP else batch}
             if name == DIT_STEP:
                 dims["latent_len"] = frames
             check(dims)

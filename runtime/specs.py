@@ -21,6 +21,14 @@ CONDITION_ENCODER = "condition_encoder"
 DIT_STEP = "dit_step"
 VAE_DECODER = "vae_decoder"
 GRAPH_NAMES = (TEXT_ENCODER, CONDITION_ENCODER, DIT_STEP, VAE_DECODER)
+# Audio-to-audio graphs (runtime/tasks.py). Optional: an artifact directory lists the ones it has in its
+# manifest; the audio tokenizer pair exists only when the checkpoint ships ``audio_tokenizer`` and
+# ``audio_token_detokenizer``. ``cover_blend`` is a tiny graph for the device-resident cover-strength loop.
+VAE_ENCODER = "vae_encoder"
+AUDIO_TOKENIZER = "audio_tokenizer"
+AUDIO_DETOKENIZER = "audio_detokenizer"
+COVER_BLEND = "cover_blend"
+AUDIO_GRAPH_NAMES = (VAE_ENCODER, AUDIO_TOKENIZER, AUDIO_DETOKENIZER, COVER_BLEND)
 
 Dim = int | str
 
@@ -217,6 +225,107 @@ def vae_decoder_spec(cfg: ModelConfig) -> GraphSpec:
         outputs=(TensorSpec("audio", "float32", ("batch", cfg.audio_channels, "audio_len")),),
         tolerance=FP32_TOL,
     )
+
+
+@dataclass(frozen=True)
+class AudioTokenizerConfig:
+    """Geometry of the optional 5 Hz audio tokenizer / detokenizer pair (manifest ``audio_tokenizer``)."""
+
+    hidden: int  # tokenizer / detokenizer width (2048 real; also the FSQ ``dim``)
+    pool_window: int  # 25 Hz latent frames per 5 Hz code (5)
+    levels: tuple[int, ...]  # FSQ levels ([8, 8, 8, 5, 5, 5]: codebook 64000)
+    num_quantizers: int  # residual FSQ depth (1)
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.levels)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "levels": list(self.levels)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AudioTokenizerConfig":
+        return cls(int(data["hidden"]), int(data["pool_window"]), tuple(int(v) for v in data["levels"]),
+                   int(data["num_quantizers"]))
+
+
+def vae_encoder_spec(cfg: ModelConfig) -> GraphSpec:
+    """Oobleck encoder + posterior parameters: audio [B, 2, S] -> mean, std [B, 64, floor(S / hop)].
+
+    ``std = softplus(scale) + 1e-4`` as ``OobleckDiagonalGaussianDistribution``; the runtime samples
+    ``mean + std * noise`` (or takes the mean for ``posterior="mode"``).
+    """
+    return GraphSpec(
+        name=VAE_ENCODER,
+        doc=f"audio [B, {cfg.audio_channels}, S] -> posterior mean, std [B, {cfg.latent_channels}, "
+        f"floor(S/{cfg.hop_length})].",
+        inputs=(TensorSpec("audio", "float32", ("batch", cfg.audio_channels, "audio_len")),),
+        outputs=(
+            TensorSpec("mean", "float32", ("batch", cfg.latent_channels, "latent_len")),
+            TensorSpec("std", "float32", ("batch", cfg.latent_channels, "latent_len")),
+        ),
+        tolerance=FP32_TOL,
+    )
+
+
+def audio_tokenizer_spec(cfg: ModelConfig, tok: AudioTokenizerConfig) -> GraphSpec:
+    """``AceStepAudioTokenizer.forward``: 25 Hz latents in pool-window patches -> quantized states + code indices.
+
+    The silence padding to a whole number of patches (``tokenize``) is done by the runtime.
+    """
+    return GraphSpec(
+        name=AUDIO_TOKENIZER,
+        doc=f"latent patches [B, P, {tok.pool_window}, {cfg.latent_channels}] -> quantized [B, P, {tok.hidden}], "
+        f"indices [B, P, {tok.num_quantizers}] (int64).",
+        inputs=(TensorSpec("latent_patches", "float32", ("batch", "patches", tok.pool_window, cfg.latent_channels)),),
+        outputs=(
+            TensorSpec("quantized", "float32", ("batch", "patches", tok.hidden)),
+            TensorSpec("indices", "int64", ("batch", "patches", tok.num_quantizers)),
+        ),
+        tolerance=FP32_TOL,
+    )
+
+
+def audio_detokenizer_spec(cfg: ModelConfig, tok: AudioTokenizerConfig) -> GraphSpec:
+    """``AceStepAudioTokenDetokenizer.forward``: 5 Hz quantized states -> 25 Hz latents."""
+    return GraphSpec(
+        name=AUDIO_DETOKENIZER,
+        doc=f"quantized [B, P, {tok.hidden}] -> latents [B, P*{tok.pool_window}, {cfg.latent_channels}].",
+        inputs=(TensorSpec("quantized", "float32", ("batch", "patches", tok.hidden)),),
+        outputs=(TensorSpec("latents", "float32", ("batch", "latent_len", cfg.latent_channels)),),
+        tolerance=FP32_TOL,
+    )
+
+
+def cover_blend_spec(cfg: ModelConfig) -> GraphSpec:
+    """Cover strength on the device: ``s * cover + (1 - s) * text2music`` of two ``dit_step`` next_latents.
+
+    Both come from the same latents x (next = x + dt * v), so the blend is x + dt * (s * v_cover +
+    (1 - s) * v_text2music): diffusers' blend of the velocities. The two conditions differ in length (their
+    instructions tokenise differently) and the DiT does not mask cross-attention padding, so they cannot
+    share one batch: two DiT evaluations per step, as diffusers.
+    """
+    latents = ("batch", "latent_len", cfg.latent_channels)
+    return GraphSpec(
+        name=COVER_BLEND,
+        doc="cover_latents, text2music_latents [B, T, 64], strength [1] -> latents = s * cover + (1 - s) * text2music.",
+        inputs=(
+            TensorSpec("cover_latents", "float32", latents),
+            TensorSpec("text2music_latents", "float32", latents),
+            TensorSpec("strength", "float32", (1,)),
+        ),
+        outputs=(TensorSpec("latents", "float32", latents),),
+        tolerance=FP32_TOL,
+    )
+
+
+def audio_specs(cfg: ModelConfig, tok: AudioTokenizerConfig | None) -> dict[str, GraphSpec]:
+    """Specs of the audio-to-audio graphs; the tokenizer pair only when ``tok`` (the checkpoint has it)."""
+    specs = {VAE_ENCODER: vae_encoder_spec(cfg), COVER_BLEND: cover_blend_spec(cfg)}
+    if tok is not None:
+        specs[AUDIO_TOKENIZER] = audio_tokenizer_spec(cfg, tok)
+        specs[AUDIO_DETOKENIZER] = audio_detokenizer_spec(cfg, tok)
+    return specs
 
 
 SPEC_BUILDERS = {

@@ -53,3 +53,36 @@ def normalize_peak(audio: np.ndarray) -> np.ndarray:
     target = np.float32(10.0 ** (-1.0 / 20.0))
     peak = np.maximum(np.max(np.abs(audio), axis=(1, 2), keepdims=True), np.float32(1e-6))
     return (audio * (target / peak)).astype(np.float32)
+
+
+def encode_windowed(
+    encode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    audio: np.ndarray,
+    hop: int,
+    window: int,
+    overlap: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """audio [B, A, S] -> posterior (mean, std), each [B, C, S // hop], encoding cores of ``window`` frames
+    with ``overlap`` frames of audio each side (memory bounded by ``window + 2 * overlap`` frames of audio).
+
+    Window edges sit on multiples of the hop, so every strided layer sees the same sample grid as in a whole
+    encode; the overlap covers the encoder's receptive field (measured at export), so the cores match a whole
+    encode up to float rounding. The last window runs to the clip's last sample (the trailing partial frame
+    reaches the last frames through the receptive field, as in a whole encode).
+    """
+    samples = audio.shape[-1]
+    frames = samples // hop
+    if frames <= window + 2 * overlap:
+        return encode(audio)
+    mean = std = None
+    for core_start in range(0, frames, window):
+        core_end = min(core_start + window, frames)
+        lo, hi = max(0, core_start - overlap), min(frames, core_end + overlap)
+        stop = samples if hi == frames else hi * hop
+        m, s = encode(np.ascontiguousarray(audio[:, :, lo * hop:stop]))  # [B, C, >= hi - lo]
+        if mean is None:
+            mean = np.empty(m.shape[:2] + (frames,), dtype=m.dtype)
+            std = np.empty_like(mean)
+        mean[:, :, core_start:core_end] = m[:, :, core_start - lo:core_end - lo]
+        std[:, :, core_start:core_end] = s[:, :, core_start - lo:core_end - lo]
+    return mean, std

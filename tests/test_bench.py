@@ -61,3 +61,17 @@ def test_bench_refuses_bad_arguments(tiny, tmp_path):
     assert result.exit_code == 2 and "--runs" in result.output
     result = CliRunner().invoke(main, ["bench", str(tmp_path), str(tiny.artifacts)])
     assert result.exit_code == 4
+
+
+def test_bench_repaint_times_the_vae_encode(tiny, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(tiny.checkpoint), str(tiny.artifacts), "--duration", "0.5",
+                                       "--runs", "1", "--warmup", "0", "--steps", "2", "--task", "repaint",
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["config"]["task"] == "repaint"
+    for side in ("ours", "diffusers"):
+        assert report[side]["audio_encode_s"] > 0
+    assert report["max_abs_audio_diff"] < 1e-4  # same noise, posterior mean on both sides
+    assert "VAE encode of the source" in result.output

@@ -127,8 +127,10 @@ def test_check_audio():
     rate = 48000
     stereo = np.zeros((2, 4800), np.float64)
     assert lim.check_audio(stereo, "src_audio", rate).dtype == np.float32
-    assert lim.check_audio(np.zeros(100, np.int16), "src_audio", rate).shape == (1, 100)
+    assert lim.check_audio(np.zeros((1, 100), np.float32), "src_audio", rate).shape == (1, 100)
     cases = [
+        (np.zeros(100, np.float32), r"\[channels, samples\]"),
+        (np.zeros((2, 100), np.int16), "float array"),
         (np.zeros((4800, 2)), "transpose"),
         (np.zeros((3, 10)), "3 channels"),
         (np.zeros((2, 0)), "empty"),

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from acestep_trt.cli import main
 from acestep_trt.runtime.errors import BackendError, InputError
-from acestep_trt.runtime.specs import DIT_STEP, GRAPH_NAMES
+from acestep_trt.runtime.specs import AUDIO_DETOKENIZER, AUDIO_TOKENIZER, DIT_STEP, GRAPH_NAMES, VAE_ENCODER
 from acestep_trt.runtime.triton import config as tc
 from acestep_trt.runtime.triton.client import request_audio
 from acestep_trt.runtime.triton.repository import SHIM_CONFIG_NAME, RepositoryOptions, write_repository
@@ -161,6 +161,8 @@ def test_engine_repository_configs(tiny, tmp_path, monkeypatch):
     (engines / "engines.json").unlink()  # plans without a manifest: their profiles are unknown
     with pytest.raises(ArtifactError, match="engines.json is missing"):
         write_repository(tiny.artifacts, tmp_path / "repo4", RepositoryOptions(engines=engines))
+    assert _parse(repo / VAE_ENCODER / "config.pbtxt").platform == "onnxruntime_onnx"  # no audio engines yet
+    assert (repo / VAE_ENCODER / "1" / "model.onnx").is_file()
 
 
 def test_guided_checkpoint_doubles_dit_batch(variant, tmp_path):
@@ -211,6 +213,12 @@ def test_request_parsing():
         request_kwargs({**arrays, "seed": np.array([-1], np.int64)}.get)
     with pytest.raises(InputError, match="exactly one"):
         request_kwargs({**arrays, "prompt": np.array([b"a", b"b"], dtype=object)}.get)
+    task = {"prompt": np.array([b"piano"], dtype=object), "task_type": np.array([b"complete"], dtype=object),
+            "complete_track_classes": np.array([b"bass, drums"], dtype=object),
+            "repainting_end": np.array([-1.0], np.float32), "src_audio": np.zeros((2, 10), np.float32)}
+    kwargs = request_kwargs(task.get)
+    assert kwargs["complete_track_classes"] == ["bass", "drums"] and kwargs["repainting_end"] == -1.0
+    assert kwargs["src_audio"].shape == (2, 10) and "audio_duration" not in kwargs  # the source sets the length
 
 
 # ----------------------------------------------------------------------------------- the real server
@@ -223,7 +231,7 @@ def test_repository_loads(server, tiny):
 
     client = http.InferenceServerClient(server.http_url)
     assert client.is_server_ready()
-    for name in (*GRAPH_NAMES, "acestep"):
+    for name in (*GRAPH_NAMES, VAE_ENCODER, AUDIO_TOKENIZER, AUDIO_DETOKENIZER, "acestep"):
         assert client.is_model_ready(name), name
     served = client.get_model_config(DIT_STEP)  # the server's parsed view of the generated config
     assert served["max_batch_size"] == MAX_BATCH and served["backend"] == "python"
@@ -234,7 +242,7 @@ def test_repository_loads(server, tiny):
 
 
 SYMBOLIC_SIZES = {"batch": 2, "text_len": 7, "lyric_len": 5, "timbre_len": 9, "latent_len": 5, "cond_len": 13,
-                  "audio_len": 5 * 1920}
+                  "audio_len": 5 * 1920 + 7, "patches": 3}
 
 
 def _random_feeds(spec, vocab: int) -> dict[str, np.ndarray]:
@@ -253,7 +261,7 @@ def _random_feeds(spec, vocab: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-@pytest.mark.parametrize("graph", GRAPH_NAMES)
+@pytest.mark.parametrize("graph", [*GRAPH_NAMES, VAE_ENCODER, AUDIO_TOKENIZER, AUDIO_DETOKENIZER])
 def test_graph_models_direct(server, tiny, graph):
     """Each graph model, called through its generated config at batch 2, equals ONNX Runtime on the graph.
 
@@ -266,7 +274,7 @@ def test_graph_models_direct(server, tiny, graph):
     from acestep_trt.runtime.backends.ort import OrtGraph
 
     artifacts = load_artifacts(tiny.artifacts)
-    spec = artifacts.specs[graph]
+    spec = artifacts.spec(graph)
     feeds = _random_feeds(spec, artifacts.config.vocab_size)
     expected = OrtGraph(artifacts.graph_path(graph), spec).run(feeds)
 
@@ -449,6 +457,29 @@ BAD_REQUESTS = {
 }
 
 
+SRC = (0.3 * np.sin(np.linspace(0, 900, 2 * 9 * 1920 + 1234))).reshape(2, -1).astype(np.float32)  # 9 frames
+_PIANO = ("prompt", "BYTES", np.array([b"piano"], dtype=object))
+_REPAINT = ("task_type", "BYTES", np.array([b"repaint"], dtype=object))
+BAD_REQUESTS.update({
+    "three-channel src_audio": [_PIANO, _REPAINT, ("src_audio", "FP32", np.zeros((3, 4000), np.float32))],
+    "NaN src_audio": [_PIANO, _REPAINT, ("src_audio", "FP32", np.full((2, 4000), np.nan, np.float32))],
+    "src_audio as INT64": [_PIANO, _REPAINT, ("src_audio", "INT64", np.zeros((2, 4000), np.int64))],
+})
+
+
+@pytest.mark.parametrize("task", [
+    dict(task_type="repaint", repainting_start=0.1, repainting_end=0.25),
+    dict(task_type="cover", audio_cover_strength=0.6, complete_track_classes=None),
+])
+def test_task_request_equals_runtime(server, runtime, task):
+    """Source audio through the server (VAE encoder, tokenizer graphs via BLS) equals the local runtime."""
+    audio, _ = request_audio(server.http_url, "http", seed=3, prompt="piano", num_inference_steps=2,
+                             src_audio=SRC, **{k: v for k, v in task.items() if v is not None})
+    expected = runtime(prompt="piano", seed=3, num_inference_steps=2, src_audio=SRC, show_progress=False, **task)
+    assert audio.shape == expected.audios[0].shape == (2, 9 * 1920)
+    assert np.max(np.abs(audio - expected.audios[0])) <= 1e-4
+
+
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_request_gets_error_and_server_keeps_serving(server, case):
     from tritonclient.utils import InferenceServerException
@@ -456,7 +487,7 @@ def test_bad_request_gets_error_and_server_keeps_serving(server, case):
     with pytest.raises(InferenceServerException) as info:
         _raw_infer(server, BAD_REQUESTS[case])
     assert info.value.message()
-    if case in ("negative duration", "empty prompt", "zero steps"):  # refused by the model with the fix
+    if case in ("negative duration", "empty prompt", "zero steps", "NaN src_audio"):  # refused with the fix
         assert "Fix:" in info.value.message()
     assert server.alive()
     audio, _ = request_audio(server.http_url, "http", seed=1, **REQUEST)

@@ -175,7 +175,7 @@ def test_runtime_input_errors(runtime):
     bad_calls = [
         dict(prompt=None), dict(prompt=[]), dict(prompt=["ok", ""]), dict(prompt="x", audio_duration=float("nan")),
         dict(prompt="x", num_inference_steps=2.5), dict(prompt="x", shift=float("inf")),
-        dict(prompt=["a", "b"], lyrics=["only one"]), dict(prompt="x", task_type="cover"),
+        dict(prompt=["a", "b"], lyrics=["only one"]), dict(prompt="x", task_type="remix"),
         dict(prompt="x", latents=np.zeros((1, 3, 64), np.float32)), dict(prompt="x", seed="abc"),
         dict(prompt=["a", "b"], seed=[1]), dict(prompt="x", guidance_scale=-1),
         dict(prompt="x", seed=-1), dict(prompt=["a", "b"], seed=[1, -2]), dict(prompt=["a", "b"], seed=-3),

@@ -12,13 +12,18 @@ from torch import nn
 
 
 def stripped_decoder(vae: nn.Module) -> nn.Module:
-    """A copy of ``vae.decoder`` whose weight-normed convolutions hold plain weights.
+    """A copy of ``vae.decoder`` whose weight-normed convolutions hold plain weights."""
+    return stripped_part(vae, "decoder")
+
+
+def stripped_part(vae: nn.Module, part: str) -> nn.Module:
+    """A copy of ``vae.<part>`` (``encoder`` or ``decoder``) whose weight-normed convolutions hold plain weights.
 
     (weight-normed modules cannot be deep-copied, so the copy is rebuilt from config and state dict.)
     """
     clone = type(vae).from_config(vae.config)
     clone.load_state_dict(vae.state_dict())
-    module = clone.decoder.eval()
+    module = getattr(clone, part).eval()
     for sub in module.modules():
         if hasattr(sub, "weight_g") and hasattr(sub, "weight_v"):
             torch.nn.utils.remove_weight_norm(sub)

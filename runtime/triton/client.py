@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendError, InputError
-from .config import ORCHESTRATOR, ORCHESTRATOR_INPUTS
+from .config import ORCHESTRATOR, ORCHESTRATOR_AUDIO_INPUTS, ORCHESTRATOR_INPUTS
 
 PROTOCOLS = ("http", "grpc")
 _WIRE = {"string": ("BYTES", np.object_), "float32": ("FP32", np.float32), "int64": ("INT64", np.int64)}
@@ -38,6 +38,13 @@ def _module(protocol: str):
 
 
 def _input(module, name: str, value):
+    if name in ORCHESTRATOR_AUDIO_INPUTS:  # FP32 [channels, samples]
+        array = np.ascontiguousarray(value, dtype=np.float32)
+        tensor = module.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        return tensor
+    if isinstance(value, (list, tuple)) and name == "complete_track_classes":
+        value = ",".join(value)
     if name not in _KINDS:
         raise InputError(f"`{name}` is not an input of the acestep model.", f"use one of {sorted(_KINDS)}.")
     wire, dtype = _WIRE[_KINDS[name]]

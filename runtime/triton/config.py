@@ -130,7 +130,17 @@ ORCHESTRATOR_INPUTS = (
     ("bpm", "int64", True),
     ("keyscale", "string", True),
     ("timesignature", "string", True),
+    # audio-to-audio tasks (runtime/tasks.py); complete_track_classes is comma-separated
+    ("task_type", "string", True),
+    ("track_name", "string", True),
+    ("complete_track_classes", "string", True),
+    ("audio_codes", "string", True),
+    ("repainting_start", "float32", True),
+    ("repainting_end", "float32", True),
+    ("audio_cover_strength", "float32", True),
 )
+# Audio request tensors: FP32 [channels, samples] at the model's rate, optional.
+ORCHESTRATOR_AUDIO_INPUTS = ("src_audio", "reference_audio")
 
 
 def _plain_block(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
@@ -143,6 +153,7 @@ def _plain_block(name: str, dtype: str, dims: list[int], optional: bool = False)
 def orchestrator_config(cfg: ModelConfig, instances: int) -> str:
     """``config.pbtxt`` of ``acestep``: prompt (+ optional settings) -> audio [channels, samples], sample_rate."""
     inputs = [_plain_block(name, dtype, [1], optional) for name, dtype, optional in ORCHESTRATOR_INPUTS]
+    inputs += [_plain_block(name, "float32", [cfg.audio_channels, -1], True) for name in ORCHESTRATOR_AUDIO_INPUTS]
     outputs = [_plain_block("audio", "float32", [cfg.audio_channels, -1]),
                _plain_block("sample_rate", "int64", [1])]
     return "\n".join([

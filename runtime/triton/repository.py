@@ -36,7 +36,7 @@ from ..errors import ArtifactError, InputError
 from ..specs import DIT_STEP, GRAPH_NAMES
 from . import config as tc
 from .engines import fit_options
-from .serving import ARTIFACTS_SUBDIR, ORCHESTRATOR_JSON
+from .serving import ARTIFACTS_SUBDIR, ORCHESTRATOR_JSON, served_graphs
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,15 @@ def _graph_max_batch(artifacts: Artifacts, graph: str, max_batch: int) -> int:
 
 def _write_graph_model(artifacts: Artifacts, graph: str, root: Path, options: RepositoryOptions) -> dict:
     """One graph model directory; returns its manifest record."""
-    spec = artifacts.specs[graph]
-    platform = tc.PLAN_PLATFORM if options.engines else tc.ONNX_PLATFORM
+    spec = artifacts.spec(graph)
+    engine = options.engines is not None and graph in GRAPH_NAMES  # audio graphs: no TensorRT engines yet, ONNX
+    platform = tc.PLAN_PLATFORM if engine else tc.ONNX_PLATFORM
     leaf = tc.LeafOptions(platform, options.max_batch, options.instances)
     text = tc.graph_model_config(spec, leaf, _graph_max_batch(artifacts, graph, options.max_batch))
     version = root / graph / "1"
     version.mkdir(parents=True)
     (root / graph / "config.pbtxt").write_text(text, encoding="utf-8")
-    if options.engines:
+    if engine:
         source = engine_path(options.engines, graph)
         shutil.copy2(source, version / "model.plan")
         return {"platform": "tensorrt_plan", "source": str(source), "sha256": sha256_file(source)}
@@ -133,10 +134,10 @@ def _write_orchestrator(artifacts: Artifacts, root: Path, options: RepositoryOpt
     (root / tc.ORCHESTRATOR / "config.pbtxt").write_text(
         tc.orchestrator_config(artifacts.config, options.instances), encoding="utf-8")
     shutil.copy2(Path(__file__).with_name("model_orchestrator.py"), version / "model.py")
-    settings = {"graph_models": {g: g for g in GRAPH_NAMES}, "vae_window": options.vae_window,
+    settings = {"graph_models": {g: g for g in served_graphs(artifacts)}, "vae_window": options.vae_window,
                 "request_timeout_s": float(options.request_timeout)}
     (version / ORCHESTRATOR_JSON).write_text(json.dumps(settings, indent=2), encoding="utf-8")
-    graph_files = {artifacts.manifest["graphs"][g]["onnx"] for g in GRAPH_NAMES}
+    graph_files = {record["onnx"] for record in artifacts.manifest["graphs"].values()}  # audio graphs too
     for record in artifacts.manifest["files"]:
         path = record["path"]
         if any(path == f or path.startswith(f + ".") for f in graph_files):
@@ -167,7 +168,7 @@ def write_repository(artifacts_dir: str | Path, repository: str | Path,
     with stg.TargetLock(repository, "writing"):  # a second writer of the same repository is refused
         staging = _prepare_target(repository, overwrite)
         try:
-            models = {g: _write_graph_model(artifacts, g, staging, options) for g in GRAPH_NAMES}
+            models = {g: _write_graph_model(artifacts, g, staging, options) for g in served_graphs(artifacts)}
             _write_orchestrator(artifacts, staging, options)
             _write_manifest(staging, artifacts, options, models)
             stg.publish(staging, repository)

@@ -21,8 +21,8 @@ import numpy as np
 from ..artifacts import Artifacts, load_artifacts
 from ..errors import ArtifactError, BackendError, InputError
 from ..pipeline import AceStepRuntime, check_arguments
-from ..specs import GRAPH_NAMES, GraphSpec
-from .config import wire_shape
+from ..specs import COVER_BLEND, GRAPH_NAMES, GraphSpec
+from .config import ORCHESTRATOR_AUDIO_INPUTS, wire_shape
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,12 @@ class BlsGraph:
         return out
 
 
+def served_graphs(artifacts: Artifacts) -> list[str]:
+    """The graphs served as Triton models: the four core graphs and the audio-to-audio ones present
+    (``cover_blend`` serves only the device-resident loop, which the orchestrator does not run)."""
+    return [*GRAPH_NAMES, *(g for g in artifacts.audio_graphs if g != COVER_BLEND)]
+
+
 def load_orchestrator_artifacts(root: Path) -> Artifacts:
     """The artifact files the orchestrator needs (manifest, constants, tokenizer) without the graphs.
 
@@ -89,7 +95,8 @@ def load_orchestrator(version_dir: Path, pb_utils) -> AceStepRuntime:
     except (OSError, ValueError, KeyError) as exc:
         raise ArtifactError(f"{version_dir / ORCHESTRATOR_JSON} is missing or invalid ({exc}).", _REGENERATE) from None
     artifacts = load_orchestrator_artifacts(version_dir / ARTIFACTS_SUBDIR)
-    runners = {name: BlsGraph(artifacts.specs[name], graph_models[name], pb_utils) for name in GRAPH_NAMES}
+    runners = {name: BlsGraph(artifacts.spec(name), graph_models[name], pb_utils)
+               for name in served_graphs(artifacts) if name in graph_models}
     runtime = AceStepRuntime(artifacts, runners, backend="triton", device="triton",
                              vae_window=int(settings.get("vae_window", 256)))
     runtime.request_timeout_s = float(settings.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S))
@@ -128,8 +135,9 @@ def watch_request(runtime: AceStepRuntime, is_cancelled: Callable[[], bool], cli
 
 # ---------------------------------------------------------------------------------------------- requests
 
-_STRINGS = ("prompt", "lyrics", "vocal_language", "keyscale", "timesignature")
-_FLOATS = ("audio_duration", "shift", "guidance_scale")
+_STRINGS = ("prompt", "lyrics", "vocal_language", "keyscale", "timesignature", "task_type", "track_name",
+            "complete_track_classes", "audio_codes")
+_FLOATS = ("audio_duration", "shift", "guidance_scale", "repainting_start", "repainting_end", "audio_cover_strength")
 _INTS = ("seed", "num_inference_steps", "bpm")
 
 
@@ -184,11 +192,19 @@ def request_kwargs(get: Callable[[str], np.ndarray | None]) -> dict:
         raise InputError("the request has no `prompt`.", "send a BYTES tensor `prompt` of shape [1].")
     if kwargs.get("seed", 0) < 0:
         raise InputError(f"`seed` must be >= 0, got {kwargs['seed']}.", "send a non-negative INT64 seed.")
-    kwargs.setdefault("audio_duration", 30.0)
-    # The request limits (runtime/limits.py: duration, steps, memory) are the runtime's own, checked in
-    # AceStepRuntime.__call__ before its first graph call; check duration and steps here already, as the CLI does.
-    check_arguments(kwargs["audio_duration"], kwargs.get("num_inference_steps", 8), kwargs.get("shift", 3.0),
-                    kwargs.get("guidance_scale", 7.0))
+    if "complete_track_classes" in kwargs:
+        kwargs["complete_track_classes"] = [c.strip() for c in kwargs["complete_track_classes"].split(",") if c.strip()]
+    for name in ORCHESTRATOR_AUDIO_INPUTS:  # FP32 [channels, samples]; checked by runtime.tasks.check_audio
+        array = get(name)
+        if array is not None:
+            kwargs[name] = np.asarray(array)
+    if "src_audio" not in kwargs and "audio_codes" not in kwargs:  # else the source sets the length
+        kwargs.setdefault("audio_duration", 30.0)
+        # The request limits (runtime/limits.py: duration, steps, memory) are the runtime's own, checked in
+        # AceStepRuntime.__call__ before its first graph call; check duration and steps here already, as the
+        # CLI does (with a source or codes the length comes from them: checked there).
+        check_arguments(kwargs["audio_duration"], kwargs.get("num_inference_steps", 8), kwargs.get("shift", 3.0),
+                        kwargs.get("guidance_scale", 7.0))
     return kwargs
 
 

@@ -241,3 +241,32 @@ def rebuild_args(artifacts_dir: str, req: ProfileRequest, cfg: ModelConfig, grap
     if out:
         args.append(f"--out {out}")
     return " ".join(args)
+
+
+def audio_dim_ranges(cfg: ModelConfig, req: ProfileRequest, encoder_receptive_field: int,
+                     pool_window: int | None) -> dict[str, dict[str, ShapeRange]]:
+    """Symbolic dim -> range for the audio-to-audio graphs (runtime/tasks.py), derived from the duration profile.
+
+    - vae_encoder: batch 1 (a source or reference clip is encoded once and broadcast); audio_len from one
+      latent frame up to a window of ``vae_window + 2 * overlap`` frames plus the trailing partial frame
+      (``encode_windowed``; a 30 s reference is windowed too), and no longer than the longest clip.
+    - audio_tokenizer: batch 1 (cover tokenises the one source); patches = ceil(frames / pool window).
+    - audio_detokenizer: the prompt batch (codes may differ per prompt); patches as the tokenizer's.
+    - cover_blend: the prompt batch and the DiT's latent lengths.
+    Not yet used by ``build`` (no engines are built for these graphs).
+    """
+    frames = ShapeRange(cfg.latent_length(req.min_duration), cfg.latent_length(req.opt_duration),
+                        cfg.latent_length(req.max_duration))
+    window = req.vae_window + 2 * window_overlap(encoder_receptive_field)
+    hop = cfg.hop_length
+    reference = cfg.timbre_frames  # a reference is always 30 s
+    longest = min(max(frames.max, reference), window)
+    audio = _range(hop, min(frames.opt, window) * hop, longest * hop + hop - 1)
+    batch = ShapeRange(1, req.opt_batch, req.max_batch)
+    ranges = {"vae_encoder": {"batch": ShapeRange.fixed(1), "audio_len": audio},
+              "cover_blend": {"batch": batch, "latent_len": frames}}
+    if pool_window:
+        patches = ShapeRange(1, -(-frames.opt // pool_window), -(-frames.max // pool_window))
+        ranges["audio_tokenizer"] = {"batch": ShapeRange.fixed(1), "patches": patches}
+        ranges["audio_detokenizer"] = {"batch": batch, "patches": patches}
+    return ranges
