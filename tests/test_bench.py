@@ -67,11 +67,12 @@ def test_bench_repaint_times_the_vae_encode(tiny, tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", str(tiny.checkpoint), str(tiny.artifacts), "--duration", "0.5",
                                        "--runs", "1", "--warmup", "0", "--steps", "2", "--task", "repaint",
-                                       "--json", str(out)])
+                                       "--diffusers-dtype", "fp32", "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["config"]["task"] == "repaint"
-    for side in ("ours", "diffusers"):
-        assert report[side]["audio_encode_s"] > 0
-    assert report["max_abs_audio_diff"] < 1e-4  # same noise, posterior mean on both sides
+    for side in (report["ours"], report["diffusers"]["fp32"]):
+        assert side["audio_encode_s"] > 0
+    assert "audio_encode_s" in report["speedup"]["fp32"]
+    assert report["audio"]["fp32"]["max_abs_diff"] < 1e-4  # same noise, posterior mean on both sides
     assert "VAE encode of the source" in result.output
