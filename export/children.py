@@ -1,7 +1,7 @@
 """Child processes for the export's heavy steps (tracing a graph, quantising it), started cheaply.
 
 Each graph is traced in a process of its own, because torch's ONNX exporter keeps references to the traced
-module's parameters after export (see ``exporter._export_one``): only a process exit returns that memory.
+module's parameters after export (see ``exporter._export_group``): only a process exit returns that memory.
 A spawned child imports torch, diffusers, transformers and onnxscript anew each time (seconds per graph,
 most of the tiny export). Instead the children are forked from multiprocessing's *fork server*: one
 process, started on first use, that has imported those libraries (:data:`PRELOAD`) and loads no weights.

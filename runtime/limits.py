@@ -147,7 +147,7 @@ def check_audio(array, name: str, sample_rate: int, limits: Limits = DEFAULT_LIM
     except Exception:  # noqa: BLE001  ragged lists and the like
         audio = None
     if audio is None or audio.dtype.kind not in "fiu" or audio.ndim != 2:
-        raise InputError(f"`{name}` must be a numeric float array [channels, samples], got "
+        raise InputError(f"`{name}` must be a numeric array [channels, samples], got "
                          f"{getattr(audio, 'shape', type(array).__name__)}.",
                          f"pass {name} as a float array [2, samples] at {sample_rate} Hz (mono: [1, samples]).")
     if audio.dtype.kind != "f":

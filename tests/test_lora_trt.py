@@ -8,7 +8,6 @@ plumbing and the names; it does not prove a real TensorRT refit, which needs a G
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -18,22 +17,12 @@ from acestep_trt.runtime.errors import BackendError
 from acestep_trt.runtime.lora import parameter_map, parse_adapter
 from acestep_trt.runtime.trt.builder import build_engines
 from acestep_trt.runtime.trt.manifest import ENGINE_MANIFEST
-from acestep_trt.runtime.trt.profiles import ProfileRequest
 from acestep_trt.runtime.trt.refit import refittable_names
 
 from . import fake_trt
 from .conftest import noise
 from .test_lora import DURATION, PROMPT, loras  # noqa: F401 - the module-scoped LoRA fixture
-
-SMALL = ProfileRequest(min_duration=0.5, opt_duration=1.0, max_duration=4.0, max_batch=1, max_text_len=256,
-                       max_lyric_len=512, vae_window=256)
-
-
-@pytest.fixture
-def arts(tiny, tmp_path):
-    dst = tmp_path / "artifacts"
-    shutil.copytree(tiny.artifacts, dst)
-    return dst
+from .test_trt import SMALL, arts  # noqa: F401 - the private artifact copy fixture
 
 
 def test_refit_engine_matches_ort_with_lora(arts, loras, monkeypatch):  # noqa: F811
