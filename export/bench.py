@@ -516,6 +516,8 @@ def format_report(report: dict) -> str:
         f"{'':<28}{'acestep-trt ' + recipe:>18}" + "".join(f"{'diffusers ' + d:>16}{'ratio':>8}" for d in dtypes),
     ]
     for label, key, f in rows:
+        if key == "audio_encode_s" and cfg["task"] == "text2music":
+            continue  # no source audio to encode
         line = f"{label:<28}{fmt(f, o[key]):>18}"
         for dtype in dtypes:
             ratio = report["speedup"][dtype].get(key)
