@@ -24,7 +24,10 @@ PRELOAD = ["acestep_trt.export._preload"]
 
 
 def context():
-    """The ``forkserver`` multiprocessing context with :data:`PRELOAD`."""
+    """The ``forkserver`` multiprocessing context with :data:`PRELOAD` (``spawn`` where there is no fork server:
+    Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
