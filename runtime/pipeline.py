@@ -26,6 +26,7 @@ from .artifacts import Artifacts, load_artifacts
 from .backends import GraphRunner, resolve_backend
 from .errors import InputError
 from .failures import guard_call, guard_runners
+from .lora import lora_scale
 from .prompt import TEXT2MUSIC_INSTRUCTION, format_prompt
 from .specs import COVER_BLEND, CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
 from .tokenizer import TextTokenizer
@@ -428,8 +429,6 @@ class AceStepRuntime:
                         max_lyric_length, instruction)
         lim.check_call(self, batch, audio_duration, guidance_scale > 1.0 and not self.config.is_turbo,
                        max_text_length, max_lyric_length)  # batch, duration and peak memory before any work
-        from .lora import lora_scale
-
         scale = lora_scale(attention_kwargs)  # the LoRA scale of this call (diffusers' apply_lora_scale)
         noise, seeds = self._initial_latents(latents, seed, batch, frames)  # refuse bad latents before any work
         guided = guidance_scale > 1.0 and not self.config.is_turbo
