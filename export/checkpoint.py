@@ -89,6 +89,7 @@ def memory_geometry(model_dir: str | Path) -> dict:
         "dit_layers": int(dit.get("num_hidden_layers", 24)),
         "dit_intermediate": int(dit.get("intermediate_size", 6144)),
         "vae_decoder_channels": int(vae.get("decoder_channels", 128)),
+        "vae_encoder_channels": int(vae.get("encoder_hidden_size", 128)),
         "vae_channel_multiples": [int(m) for m in vae.get("channel_multiples", [1, 2, 4, 8, 16])],
         "vae_downsampling_ratios": [int(r) for r in vae.get("downsampling_ratios", [2, 4, 4, 6, 10])],
     }

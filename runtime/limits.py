@@ -184,6 +184,7 @@ class Geometry:
     dit_layers: int = 24
     dit_intermediate: int = 6144
     vae_decoder_channels: int = 128
+    vae_encoder_channels: int = 128  # encoder_hidden_size (exports before this field: the real value)
     vae_channel_multiples: tuple[int, ...] = (1, 2, 4, 8, 16)
     vae_downsampling_ratios: tuple[int, ...] = (2, 4, 4, 6, 10)
 
@@ -208,6 +209,12 @@ VAE_WINDOW_COPIES = 6.0
 VAE_GROWTH_PER_WINDOW = 1.6
 VAE_GROWTH_WINDOWS = 5
 AUDIO_COPIES = 3.0
+# The VAE encoder (source and reference audio of the audio-to-audio tasks) holds about ENCODER_WINDOW_COPIES
+# activations of its largest full-rate level per window; its arena stays allocated through the later stages.
+# The input audio exists as the caller's array, the checked float32 copy and the window being encoded.
+ENCODER_WINDOW_COPIES = 6.0
+ENCODER_GROWTH_PER_WINDOW = 1.6
+SOURCE_COPIES = 2.0
 BASE_BYTES = 64 << 20  # tokenizer, text and condition encoders, small host arrays
 # Measured peaks were 0.69x to 1.05x of the estimate (tiny and mid checkpoints, 10 s to 240 s, batch 1 and 4):
 # a request is refused when the estimate times this margin exceeds what is free.
@@ -224,14 +231,16 @@ class MemoryEstimate:
     audio: int
     on_device: bool = False
     detail: dict = field(default_factory=dict)
+    encoder: int = 0  # VAE encoder of source / reference audio (0 for text2music)
+    source: int = 0  # the input audio's host copies
 
     @property
     def host(self) -> int:
-        return BASE_BYTES + self.audio + (0 if self.on_device else self.dit + self.vae)
+        return BASE_BYTES + self.audio + self.source + (0 if self.on_device else self.dit + self.vae + self.encoder)
 
     @property
     def device(self) -> int:
-        return self.dit + self.vae if self.on_device else 0
+        return self.dit + self.vae + self.encoder if self.on_device else 0
 
 
 def vae_level_elements(geometry: Geometry, frames: int, latent_channels: int) -> int:
@@ -252,8 +261,42 @@ def vae_level_elements(geometry: Geometry, frames: int, latent_channels: int) ->
     return largest
 
 
+def vae_encoder_level_elements(geometry: Geometry, samples: int) -> int:
+    """Channels x length of the Oobleck encoder's largest activation for ``samples`` of audio (batch 1).
+
+    Mirrors ``OobleckEncoder.__init__``: conv1 widens to ``hidden`` at the audio rate; block ``i`` runs its
+    residual units at ``hidden * multiples[i]`` and downsamples by ``ratios[i]`` to ``hidden * multiples[i + 1]``.
+    """
+    width = geometry.vae_encoder_channels
+    multiples = [1] + list(geometry.vae_channel_multiples)
+    length, largest = samples, 0
+    for i, ratio in enumerate(geometry.vae_downsampling_ratios):
+        largest = max(largest, length * width * multiples[i])
+        length = -(-length // ratio)
+        largest = max(largest, length * width * multiples[i + 1])
+    return largest
+
+
+def encoder_memory(config, geometry: Geometry, samples: int, vae_window: int, overlap: int) -> tuple[int, int, int]:
+    """(encoder bytes, source bytes, windows) for VAE-encoding one clip of ``samples`` (batch 1), windowed as
+    :func:`acestep_trt.runtime.vae.encode_windowed` does: whole when it is at most ``vae_window + 2 * overlap``
+    frames, else windows of that many frames."""
+    if samples <= 0:
+        return 0, 0, 0
+    frames = samples // config.hop_length
+    whole = frames <= vae_window + 2 * overlap
+    window = samples if whole else (vae_window + 2 * overlap) * config.hop_length
+    windows = 1 if whole else -(-frames // vae_window)
+    level = vae_encoder_level_elements(geometry, window) * FLOAT_BYTES
+    encoder = int(level * (ENCODER_WINDOW_COPIES + ENCODER_GROWTH_PER_WINDOW * min(windows - 1, VAE_GROWTH_WINDOWS)))
+    source = int(SOURCE_COPIES * config.audio_channels * samples * FLOAT_BYTES + config.audio_channels * window
+                 * FLOAT_BYTES)
+    return encoder, source, windows
+
+
 def estimate_memory(config, geometry: Geometry, batch: int, frames: int, guided: bool, vae_window: int,
-                    vae_overlap: int, cond_len: int, on_device: bool = False) -> MemoryEstimate:
+                    vae_overlap: int, cond_len: int, on_device: bool = False, encode_samples: int = 0,
+                    encoder_overlap: int = 0) -> MemoryEstimate:
     """Peak bytes of one call beyond the loaded weights.
 
     DiT (per step, one layer at a time): self-attention scores ``[B', H, L, L]`` with ``L = ceil(T / patch)``,
@@ -261,6 +304,8 @@ def estimate_memory(config, geometry: Geometry, batch: int, frames: int, guided:
     ``B'`` doubles with guidance (conditional and unconditional halves in one batch). VAE: windows of
     ``vae_window + 2 * overlap`` frames (or the whole clip when shorter) at the decoder's largest level, plus the
     per-window growth measured for ONNX Runtime's arena. Audio: ``[B, channels, T * hop]`` float32.
+    ``encode_samples``: the longest clip the VAE encoder sees (source, or the 30 s reference), 0 for none
+    (:func:`encoder_memory`).
     """
     dit_batch = batch * (2 if guided else 1)
     tokens = -(-frames // config.patch_size)
@@ -274,9 +319,10 @@ def estimate_memory(config, geometry: Geometry, batch: int, frames: int, guided:
     level = batch * vae_level_elements(geometry, window, config.latent_channels) * FLOAT_BYTES
     vae = int(level * (VAE_WINDOW_COPIES + VAE_GROWTH_PER_WINDOW * min(windows - 1, VAE_GROWTH_WINDOWS)))
     audio = int(AUDIO_COPIES * batch * config.audio_channels * frames * config.hop_length * FLOAT_BYTES)
+    encoder, source, encoded_windows = encoder_memory(config, geometry, encode_samples, vae_window, encoder_overlap)
     detail = {"dit_batch": dit_batch, "tokens": tokens, "score_bytes": scores, "vae_window_frames": window,
-              "vae_windows": windows}
-    return MemoryEstimate(dit, vae, audio, on_device, detail)
+              "vae_windows": windows, "encoder_windows": encoded_windows}
+    return MemoryEstimate(dit, vae, audio, on_device, detail, encoder, source)
 
 
 def available_host_bytes() -> int | None:
@@ -343,13 +389,14 @@ def check_memory(estimate: MemoryEstimate, batch: int, duration: float, vae_wind
     if batch > 1:
         remedies.append(f"fewer prompts per call (now {batch})")
     remedies.append(f"a shorter clip (now {duration:g} s)")
-    if estimate.vae > estimate.dit:
+    if max(estimate.vae, estimate.encoder) > estimate.dit:
         remedies.append(f"a smaller --vae-window (now {vae_window} frames; Python: AceStepRuntime.load(vae_window=))")
     fix = "ask for " + ", or ".join(remedies) + "; Limits(check_memory=False) / --no-memory-check skips this check."
     host = available_host_bytes()
     if host is not None and estimate.host * SAFETY_MARGIN > host:
         raise InputError(f"this request needs about {_gib(estimate.host)} of memory at its peak (DiT "
-                         f"{_gib(estimate.dit)}, VAE {_gib(estimate.vae)}, audio {_gib(estimate.audio)}), but only "
+                         f"{_gib(estimate.dit)}, VAE {_gib(estimate.vae + estimate.encoder)}, audio "
+                         f"{_gib(estimate.audio + estimate.source)}), but only "
                          f"{_gib(host)} is available.", fix)
     if estimate.on_device:
         device = available_device_bytes()
@@ -359,10 +406,11 @@ def check_memory(estimate: MemoryEstimate, batch: int, duration: float, vae_wind
 
 
 def check_call(runtime, batch: int, duration: float, guided: bool, max_text_length: int = 256,
-               max_lyric_length: int = 2048) -> MemoryEstimate | None:
+               max_lyric_length: int = 2048, encode_samples: int = 0) -> MemoryEstimate | None:
     """What :class:`AceStepRuntime.__call__` checks before its first graph call, after the arguments
     (``check_arguments``: duration and steps limits; :func:`check_texts`): batch, duration and peak memory
     under ``runtime.limits``. Returns the memory estimate (None when ``check_memory`` is off).
+    ``encode_samples``: the longest clip the call VAE-encodes (source or reference audio), 0 for none.
 
     An estimate no larger than one this runtime already passed is not checked again: ONNX Runtime's arena
     keeps that memory for reuse, so it no longer shows as available.
@@ -379,7 +427,8 @@ def check_call(runtime, batch: int, duration: float, guided: bool, max_text_leng
     estimate = estimate_memory(
         config, Geometry.from_manifest(runtime.artifacts.manifest), batch, frames, guided, runtime.vae_window,
         window_overlap(runtime.artifacts.vae_receptive_field), max_text_length + max_lyric_length + 1,
-        on_device=runtime.device == "cuda")
+        on_device=runtime.device == "cuda", encode_samples=encode_samples,
+        encoder_overlap=window_overlap(getattr(runtime.artifacts, "vae_encoder_receptive_field", 0) or 0))
     proven = getattr(runtime, "_memory_proven", None)
     if proven is not None and estimate.host <= proven.host and estimate.device <= proven.device:
         return estimate

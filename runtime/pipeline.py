@@ -428,7 +428,8 @@ class AceStepRuntime:
         lim.check_texts(prompts, lyrics_list, languages, bpm, keyscale, timesignature, max_text_length,
                         max_lyric_length, instruction)
         lim.check_call(self, batch, audio_duration, guidance_scale > 1.0 and not self.config.is_turbo,
-                       max_text_length, max_lyric_length)  # batch, duration and peak memory before any work
+                       max_text_length, max_lyric_length,  # batch, duration and peak memory before any work
+                       task_lib.encoded_samples(task, self.sample_rate))
         scale = lora_scale(attention_kwargs)  # the LoRA scale of this call (diffusers' apply_lora_scale)
         noise, seeds = self._initial_latents(latents, seed, batch, frames)  # refuse bad latents before any work
         guided = guidance_scale > 1.0 and not self.config.is_turbo

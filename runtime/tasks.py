@@ -238,6 +238,18 @@ def reference_clip(audio: np.ndarray, sample_rate: int) -> np.ndarray:
         [audio[:, :segment], audio[:, middle:middle + segment], audio[:, back:back + segment]], axis=-1))
 
 
+def encoded_samples(task: "TaskInputs", sample_rate: int) -> int:
+    """Samples of the longest clip a call VAE-encodes: the source, or the (at most 30 s) reference clip; 0 for none.
+
+    (The memory check sizes the VAE encoder's windows from it before any work.)"""
+    lengths = [0]
+    if task.src is not None:
+        lengths.append(task.src.shape[-1])
+    if task.reference is not None:
+        lengths.append(REFERENCE_SECONDS * sample_rate)  # reference_clip: always 30 s
+    return max(lengths)
+
+
 def posterior_noise(seed: int | None, stream: int, shape: tuple[int, ...]) -> np.ndarray:
     """Standard normal noise for a posterior sample; see the module docstring for the stream."""
     entropy = [int(seed), stream] if seed is not None else None

@@ -18,13 +18,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 
 def _rss() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _case(artifacts: str, duration: float, batch: int, guidance: float) -> dict:
+def _case(artifacts: str, duration: float, batch: int, guidance: float, task: str) -> dict:
     import threading
     import time
 
@@ -33,9 +35,16 @@ def _case(artifacts: str, duration: float, batch: int, guidance: float) -> dict:
 
     rt = AceStepRuntime.load(artifacts, limits=lim.Limits(max_duration=max(duration, 600), check_memory=False))
     guided = guidance > 1.0 and not rt.config.is_turbo
+    extra, samples = {}, 0
+    if task == "repaint":  # a source of the clip's length (noise), repainted in its first second
+        samples = int(duration * rt.sample_rate)
+        source = np.random.default_rng(0).uniform(-0.5, 0.5, (2, samples)).astype(np.float32)
+        extra = {"task_type": "repaint", "src_audio": source, "repainting_start": 0.0, "repainting_end": 1.0,
+                 "posterior": "mode"}
     estimate = lim.estimate_memory(
         rt.config, lim.Geometry.from_manifest(rt.artifacts.manifest), batch, rt.config.latent_length(duration),
-        guided, rt.vae_window, rt.artifacts.vae_receptive_field + 2, 256 + 2048 + 1)
+        guided, rt.vae_window, rt.artifacts.vae_receptive_field + 2, 256 + 2048 + 1, encode_samples=samples,
+        encoder_overlap=rt.artifacts.vae_encoder_receptive_field + 2)
     base = _rss()
     peak = [base]
     done = threading.Event()
@@ -49,14 +58,15 @@ def _case(artifacts: str, duration: float, batch: int, guidance: float) -> dict:
     thread.start()
     started = time.perf_counter()
     rt(prompt=["a piano"] * batch, audio_duration=duration, num_inference_steps=1, guidance_scale=guidance, seed=0,
-       show_progress=False)
+       show_progress=False, **extra)
     seconds = time.perf_counter() - started
     done.set()
     thread.join()
-    return {"duration": duration, "batch": batch, "guided": guided, "seconds": round(seconds, 2),
+    return {"task": task, "duration": duration, "batch": batch, "guided": guided, "seconds": round(seconds, 2),
             "measured_mib": round((peak[0] - base) / 2**20, 1), "estimate_mib": round(estimate.host / 2**20, 1),
             "dit_mib": round(estimate.dit / 2**20, 1), "vae_mib": round(estimate.vae / 2**20, 1),
-            "audio_mib": round(estimate.audio / 2**20, 1),
+            "audio_mib": round((estimate.audio + estimate.source) / 2**20, 1),
+            "encoder_mib": round(estimate.encoder / 2**20, 1),
             "ratio": round((peak[0] - base) / estimate.host, 3)}
 
 
@@ -66,22 +76,25 @@ def main() -> None:
     parser.add_argument("--durations", type=float, nargs="+", default=[10, 60, 240])
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--guidance", type=float, default=7.0, help="(used by non-turbo checkpoints only)")
+    parser.add_argument("--task", choices=["text2music", "repaint"], default="text2music",
+                        help="repaint: a source of the clip's length is VAE-encoded first (the encoder's term)")
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(_case(args.artifacts, args.durations[0], args.batches[0], args.guidance)))
+        print(json.dumps(_case(args.artifacts, args.durations[0], args.batches[0], args.guidance, args.task)))
         return
-    print(f"{'duration':>8} {'batch':>5} {'guided':>6} {'measured MiB':>12} {'estimate MiB':>12} {'ratio':>6} "
-          f"{'DiT':>8} {'VAE':>8} {'audio':>8} {'s':>6}")
+    print(f"{'task':>10} {'duration':>8} {'batch':>5} {'guided':>6} {'measured MiB':>12} {'estimate MiB':>12} "
+          f"{'ratio':>6} {'DiT':>8} {'VAE':>8} {'encoder':>8} {'audio':>8} {'s':>6}")
     for batch in args.batches:
         for duration in args.durations:
             out = subprocess.run([sys.executable, __file__, args.artifacts, "--case", "--durations", str(duration),
-                                  "--batches", str(batch), "--guidance", str(args.guidance)],
+                                  "--batches", str(batch), "--guidance", str(args.guidance),
+                                  "--task", args.task],
                                  capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{row['duration']:>8g} {row['batch']:>5} {str(row['guided']):>6} {row['measured_mib']:>12} "
-                  f"{row['estimate_mib']:>12} {row['ratio']:>6} {row['dit_mib']:>8} {row['vae_mib']:>8} "
-                  f"{row['audio_mib']:>8} {row['seconds']:>6}", flush=True)
+            print(f"{row['task']:>10} {row['duration']:>8g} {row['batch']:>5} {str(row['guided']):>6} "
+                  f"{row['measured_mib']:>12} {row['estimate_mib']:>12} {row['ratio']:>6} {row['dit_mib']:>8} "
+                  f"{row['vae_mib']:>8} {row['encoder_mib']:>8} {row['audio_mib']:>8} {row['seconds']:>6}", flush=True)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,42 @@ def test_memory_estimate_grows_as_the_specs_say(runtime):
     assert est(600).detail["tokens"] == 7500 and est(600).detail["vae_windows"] == 59
 
 
+def test_memory_estimate_counts_the_vae_encoder(runtime, monkeypatch):
+    cfg, geo = runtime.config, lim.Geometry.from_manifest(runtime.artifacts.manifest)
+    assert geo.vae_encoder_channels == 128  # the tiny checkpoint's encoder_hidden_size, from the manifest
+    rate, overlap = cfg.sample_rate, runtime.artifacts.vae_encoder_receptive_field + 2
+
+    def est(seconds, source_seconds):
+        return lim.estimate_memory(cfg, geo, 1, cfg.latent_length(seconds), False, 256, 18, 2305,
+                                   encode_samples=int(source_seconds * rate), encoder_overlap=overlap)
+
+    plain, short, long = est(60, 0), est(60, 10), est(60, 60)
+    assert plain.encoder == plain.source == 0 and short.encoder > 0
+    assert long.detail["encoder_windows"] == 6 and short.detail["encoder_windows"] == 1
+    assert plain.host < short.host < long.host
+    # the largest encoder level is the first block's 128 channels at the audio rate, 4 bytes each
+    assert lim.vae_encoder_level_elements(geo, rate) == 128 * rate
+
+    # with memory for a 10 s text2music call only, a 10 s repaint (its source encode) is refused before any
+    # work, and the text2music call passes
+    monkeypatch.setattr(runtime, "_memory_proven", None, raising=False)
+    text_only = lim.estimate_memory(cfg, geo, 1, cfg.latent_length(10), False, runtime.vae_window, 18, 2305)
+    monkeypatch.setattr(lim, "available_host_bytes", lambda: int(text_only.host * 1.2))
+    calls = []
+
+    class Recording:  # the VAE encoder must not run for a refused request
+        def run(self, feeds):
+            calls.append(feeds)
+            raise AssertionError("the encoder ran")
+
+    monkeypatch.setitem(runtime.runners, "vae_encoder", Recording())
+    with pytest.raises(InputError, match=r"needs about .* GiB of memory.*smaller --vae-window"):
+        runtime(prompt="piano", task_type="repaint", src_audio=np.zeros((2, 10 * rate), np.float32),
+                repainting_start=0.0, repainting_end=1.0)
+    assert calls == []
+    assert np.isfinite(runtime(prompt="piano", audio_duration=10.0, seed=0, num_inference_steps=1).audios).all()
+
+
 def test_memory_refusal_names_the_remedies(runtime, monkeypatch):
     monkeypatch.setattr(lim, "available_host_bytes", lambda: 1 << 20)  # 1 MiB free
     monkeypatch.setattr(runtime, "_memory_proven", None, raising=False)
