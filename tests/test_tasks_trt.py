@@ -229,3 +229,25 @@ def test_engines_built_before_audio_engines_run_them_in_ort(audio_engines, tmp_p
     data["graphs"]["vae_encoder"] = {"engine": "vae_encoder.plan"}  # an audio record that does not verify
     path.write_text(json.dumps(data))
     assert resolve_backend("auto", "cuda", arts) == "ort"  # engines_usable checks the audio engines it lists
+
+
+def test_exports_without_audio_graphs_build_the_core_engines(tiny, variant, tmp_path, fakes):
+    """An export from before the audio graphs (manifest without them) builds and runs its four engines; one
+    without the tokenizer pair (``variant``) builds the encoder and cover_blend only."""
+    arts = tmp_path / "old"
+    shutil.copytree(tiny.artifacts, arts)
+    manifest = json.loads((arts / "manifest.json").read_text())
+    for name in AUDIO_GRAPH_NAMES:
+        onnx = manifest["graphs"].pop(name)["onnx"]
+        manifest["files"] = [r for r in manifest["files"] if not r["path"].startswith(onnx)]
+    manifest["audio_tokenizer"] = None
+    (arts / "manifest.json").write_text(json.dumps(manifest))
+    built = build_engines(arts, request=AUDIO_REQ)
+    assert set(built.data["graphs"]) == set(GRAPH_NAMES)
+    rt = AceStepRuntime.load(arts, backend="trt", device="cuda", vae_window=16)
+    assert set(rt.runners) == set(GRAPH_NAMES)
+    rt(prompt="piano", audio_duration=0.5, num_inference_steps=STEPS, seed=1)
+    other = tmp_path / "variant"
+    shutil.copytree(variant.artifacts, other)
+    graphs = build_engines(other, request=AUDIO_REQ).data["graphs"]
+    assert set(graphs) == set(GRAPH_NAMES) | {"vae_encoder", "cover_blend"}
