@@ -251,3 +251,34 @@ def test_exports_without_audio_graphs_build_the_core_engines(tiny, variant, tmp_
     shutil.copytree(variant.artifacts, other)
     graphs = build_engines(other, request=AUDIO_REQ).data["graphs"]
     assert set(graphs) == set(GRAPH_NAMES) | {"vae_encoder", "cover_blend"}
+
+
+def test_tokenizer_validation_allows_a_flipped_code_not_a_wrong_engine(tiny):
+    """Engine validation: the FSQ code indices may differ in a few codes (a value at a bin edge rounds either way
+    on a correct engine) and the quantized states are compared where the codes agree; many flips fail."""
+    from acestep_trt.runtime.artifacts import load_artifacts
+    from acestep_trt.runtime.backends.ort import checking_graph
+    from acestep_trt.runtime.trt.profiles import derive_audio_profiles
+    from acestep_trt.runtime.trt.validate import compare_engines
+
+    artifacts = load_artifacts(tiny.artifacts)
+    name = "audio_tokenizer"
+    spec = artifacts.spec(name)
+    req = ProfileRequest(min_duration=0.2, opt_duration=40.0, max_duration=60.0)  # opt: 200 patches
+    profile = derive_audio_profiles({name: spec}, artifacts.config, req, 7, 5)[name]
+    ort = checking_graph(artifacts.graph_path(name), spec, "fp32")
+
+    class Engine:  # ONNX Runtime's answer with `flips` patches changed, as an engine at a bin edge would give
+        def __init__(self, flips):
+            self.flips, self.profile = flips, profile
+
+        def run(self, feeds):
+            out = {k: v.copy() for k, v in ort.run(feeds).items()}
+            out["indices"][0, :self.flips] += 1
+            out["quantized"][0, :self.flips] += 1.0
+            return out
+
+    for flips, ok in ((1, True), (0, True), (40, False)):
+        rows = {r.output: r for r in compare_engines(artifacts, {name: Engine(flips)}, {name: ort}, "fp32")}
+        assert rows["quantized"].ok and rows["quantized"].snr_db == float("inf")  # compared where codes agree
+        assert rows["indices"].ok is ok and rows["indices"].max_abs == flips / 200, flips
