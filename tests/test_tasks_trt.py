@@ -282,3 +282,12 @@ def test_tokenizer_validation_allows_a_flipped_code_not_a_wrong_engine(tiny):
         rows = {r.output: r for r in compare_engines(artifacts, {name: Engine(flips)}, {name: ort}, "fp32")}
         assert rows["quantized"].ok and rows["quantized"].snr_db == float("inf")  # compared where codes agree
         assert rows["indices"].ok is ok and rows["indices"].max_abs == flips / 200, flips
+
+
+def test_rebuild_hints_for_audio_dims():
+    """Out-of-profile audio dims name the build option that widens them: patches -> duration, audio_len -> window."""
+    from acestep_trt.runtime.trt.profiles import rebuild_args
+
+    req = ProfileRequest(min_duration=10, opt_duration=60, max_duration=240)
+    assert "--max-duration 300" in rebuild_args("ARTS", req, CFG, "audio_tokenizer", "patches", 1500, pool_window=5)
+    assert "--vae-window 300" in rebuild_args("ARTS", req, CFG, "vae_encoder", "audio_len", 300 * 1920 - 5)
