@@ -429,9 +429,11 @@ def _validate_engines(artifacts_dir: Path, manifest, overrides: dict[str, float]
 
     artifacts = load_artifacts(artifacts_dir)
     trt_runners = load_engines(artifacts, manifest.root, manifest.request.vae_window, full_hash=False)  # just built
-    ort_runners = {name: checking_graph(artifacts.graph_path(name), spec, artifacts.precision(name))
-                   for name, spec in artifacts.specs.items()}
-    rows = tv.compare_engines(artifacts, trt_runners, ort_runners, manifest.data["precision"], overrides)
+    ort_runners = {name: checking_graph(artifacts.graph_path(name), artifacts.spec(name), artifacts.precision(name))
+                   for name in trt_runners}  # the core graphs and the audio-to-audio graphs built
+    precisions = {n: r["precision"] for n, r in manifest.data["graphs"].items() if "precision" in r}
+    rows = tv.compare_engines(artifacts, trt_runners, ort_runners, manifest.data["precision"], overrides,
+                              precisions)
     click.echo(tv.TABLE_HEADER)
     for row in rows:
         click.echo(row.row())

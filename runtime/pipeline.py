@@ -30,6 +30,7 @@ from .lora import lora_scale
 from .prompt import TEXT2MUSIC_INSTRUCTION, format_prompt
 from .specs import COVER_BLEND, CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
 from .tokenizer import TextTokenizer
+from .trt.profiles import call_dims
 from .vae import DEFAULT_VAE_WINDOW, decode_windowed, encode_windowed, normalize_peak, window_overlap
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,9 @@ class AceStepRuntime:
                 for name in GRAPH_NAMES
             }
             audio_device = device
-        for name in artifacts.audio_graphs:  # audio-to-audio graphs: ONNX Runtime (no TensorRT engines yet)
+        for name in artifacts.audio_graphs:  # ONNX Runtime unless an engine runs it (older engine dirs: logged)
+            if name in runners:
+                continue
             runners[name] = OrtGraph(artifacts.graph_path(name), artifacts.audio_specs[name], audio_device,
                                      threads, artifacts.precision(name), emulate_precision)
         runtime = cls(artifacts, runners, kind, device, int(vae_window), device_loop, limits)
@@ -469,12 +472,13 @@ class AceStepRuntime:
         started = time.perf_counter()
         disable = None if show_progress is None else not show_progress  # None: only on a terminal
         engine_loop = getattr(self.runners[DIT_STEP], "denoise", None)  # TensorRT: whole loop on the GPU
+        engine_blends = getattr(self.runners[DIT_STEP], "mixer", None) is not None  # a cover_blend engine
         with tqdm(total=len(ts), desc="denoise", unit="step", disable=disable, leave=False) as bar:
-            if guidance is None and blend is None and engine_loop is not None:
-                x = engine_loop(noise, condition, context, ts, sigmas)
+            if guidance is None and engine_loop is not None and (blend is None or engine_blends):
+                x = engine_loop(noise, condition, context, ts, sigmas, blend)
                 bar.update(len(ts))
             elif guidance is None and self.device_loop and engine_loop is None and (
-                    blend is None or COVER_BLEND in self.runners):  # TensorRT with cover strength: host loop
+                    blend is None or COVER_BLEND in self.runners):  # engines without cover_blend: host loop
                 x = self.denoise_device(noise, ts, sigmas, condition, context, bar, blend)
             else:  # APG guidance mixes the two halves on the host every step
                 x = self.denoise_host(noise, ts, sigmas, condition, context, guidance, bar, blend)
@@ -502,14 +506,11 @@ class AceStepRuntime:
 
         ``dit_batch``: the DiT's batch per evaluation (APG doubles it).
         """
+        tok = self.artifacts.audio_tokenizer
         for name, runner in self.runners.items():
             check = getattr(runner, "check_dims", None)
-            if check is None:
-                continue
-            dims = {"batch": dit_batch if name == DIT_STEP else batch}
-            if name == DIT_STEP:
-                dims["latent_len"] = frames
-            check(dims)
+            if check is not None:
+                check(call_dims(name, batch, dit_batch, frames, tok.pool_window if tok else None))
 
     def close(self) -> None:
         """Release the runners' resources now (TensorRT device memory); ONNX Runtime sessions need nothing."""

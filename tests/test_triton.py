@@ -130,6 +130,7 @@ def test_engine_repository_configs(tiny, tmp_path, monkeypatch):
     Configs only: the engines come from the fake TensorRT (tests/fake_trt.py), no TensorRT server here.
     """
     import json
+    import shutil
 
     from acestep_trt.runtime.errors import ArtifactError
     from acestep_trt.runtime.trt.builder import build_engines
@@ -158,11 +159,24 @@ def test_engine_repository_configs(tiny, tmp_path, monkeypatch):
     assert "--max-batch 3 exceeds what the engines" in result.output and "(2)" in result.output
     with pytest.raises(InputError, match="--vae-window 128 exceeds"):
         write_repository(tiny.artifacts, tmp_path / "repo3", RepositoryOptions(engines=engines, vae_window=128))
+    # the audio graphs' engines too, each model's batch capped by its engine's profile (one source clip)
+    for graph, batch in ((VAE_ENCODER, 1), ("audio_tokenizer", 1), ("audio_detokenizer", 2)):
+        config = _parse(repo / graph / "config.pbtxt")
+        assert (config.platform, config.max_batch_size) == ("tensorrt_plan", batch), graph
+        assert (repo / graph / "1" / "model.plan").read_bytes() == (engines / f"{graph}.plan").read_bytes()
+    assert not (repo / "cover_blend").exists()  # the orchestrator runs no device loop
+    old = tmp_path / "old_engines"  # an engine directory built before the audio graphs had engines: ONNX models
+    shutil.copytree(engines, old)
+    data = json.loads((old / "engines.json").read_text())
+    data["graphs"] = {g: r for g, r in data["graphs"].items() if g in GRAPH_NAMES}
+    (old / "engines.json").write_text(json.dumps(data))
+    repo5 = write_repository(tiny.artifacts, tmp_path / "repo5", RepositoryOptions(engines=old))
+    assert _parse(repo5 / VAE_ENCODER / "config.pbtxt").platform == "onnxruntime_onnx"
+    assert (repo5 / VAE_ENCODER / "1" / "model.onnx").is_file() and not (repo5 / VAE_ENCODER / "1" / "model.plan").exists()
+    assert _parse(repo5 / DIT_STEP / "config.pbtxt").platform == "tensorrt_plan"
     (engines / "engines.json").unlink()  # plans without a manifest: their profiles are unknown
     with pytest.raises(ArtifactError, match="engines.json is missing"):
         write_repository(tiny.artifacts, tmp_path / "repo4", RepositoryOptions(engines=engines))
-    assert _parse(repo / VAE_ENCODER / "config.pbtxt").platform == "onnxruntime_onnx"  # no audio engines yet
-    assert (repo / VAE_ENCODER / "1" / "model.onnx").is_file()
 
 
 def test_guided_checkpoint_doubles_dit_batch(variant, tmp_path):

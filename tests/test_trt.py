@@ -23,7 +23,9 @@ from acestep_trt.runtime.artifacts import read_manifest
 from acestep_trt.runtime.backends import resolve_backend
 from acestep_trt.runtime.errors import ArtifactError, BackendError, InputError
 from acestep_trt.runtime.specs import GRAPH_NAMES, ModelConfig, all_specs
-from acestep_trt.runtime.specs import GRAPH_NAMES as ENGINE_NAMES
+from acestep_trt.runtime.specs import AUDIO_GRAPH_NAMES
+
+ENGINE_NAMES = (*GRAPH_NAMES, *AUDIO_GRAPH_NAMES)  # the tiny artifacts have every audio graph: an engine each
 from acestep_trt.runtime.trt.builder import build_engines
 from acestep_trt.runtime.trt.manifest import ENGINE_MANIFEST, onnx_records
 from acestep_trt.runtime.trt.profiles import (ProfileRequest, ShapeRange, derive_profiles,
@@ -129,14 +131,16 @@ def test_build_records_calls_profiles_and_manifest(arts, fakes):
     assert result.exit_code == 0, result.output
     # engine vs ONNX Runtime table (the fake engines run the same ONNX graphs, so they agree exactly)
     assert "encoder_attention_mask" in result.output and "FAIL" not in result.output
-    assert result.output.count(" ok") == 6  # one row per graph output (dit_step has two)
+    # one row per graph output (dit_step, vae_encoder and audio_tokenizer have two); the tokenizer's code indices
+    # are compared as the fraction that differs (limit 1%), its quantized states on the patches whose codes agree
+    assert result.output.count(" ok") == 12 and "indices" in result.output and "<=1.00e-02" in result.output
     engines = arts / "engines"
     # one strongly typed network per engine, the ONNX graphs parsed from file (external data found)
     assert [c[1] for c in trt.calls if c[0] == "create_network"] == [1 << 1] * len(ENGINE_NAMES)
-    assert [c[1] for c in trt.calls if c[0] == "parse_from_file"] == [str(arts / f"{n}.onnx") for n in GRAPH_NAMES]
+    assert [c[1] for c in trt.calls if c[0] == "parse_from_file"] == [str(arts / f"{n}.onnx") for n in ENGINE_NAMES]
     # exactly one profile per engine, one set_shape per input with min <= opt <= max
     specs = {n: s for n, s in ((n, json.loads((arts / "manifest.json").read_text())["graphs"][n]["spec"])
-                                for n in GRAPH_NAMES)}
+                                for n in ENGINE_NAMES)}
     for network, config in trt.builds:
         assert len(config.profiles) == 1 and config.timing_cache is not None
         assert set(config.profiles[0].shapes) == {t.name for t in network.inputs}
@@ -156,7 +160,7 @@ def test_build_records_calls_profiles_and_manifest(arts, fakes):
     assert manifest["precision"] == "fp32" and manifest["version_compatible"] is False
     assert manifest["request"]["max_batch"] == 2 and manifest["request"]["max_duration"] == 4.0
     art_manifest = read_manifest(arts)
-    for name in GRAPH_NAMES:
+    for name in ENGINE_NAMES:
         rec = manifest["graphs"][name]
         assert rec["onnx"] == onnx_records(art_manifest, name) and rec["onnx"]
         assert rec["onnx_precision"] == "fp32"
@@ -183,20 +187,23 @@ def test_build_is_idempotent_and_rebuilds_only_what_changed(arts, fakes):
     assert len(trt.builds) == first  # nothing changed: every engine kept
     build_engines(arts, request=ProfileRequest(**{**SMALL.to_dict(), "max_duration": 8.0}))
     rebuilt = sorted(n.onnx_path for n, _ in trt.builds[first:])
-    # the engines with latent_len: dit_step and vae_decoder (4 s is below one VAE window)
-    assert rebuilt == sorted([str(arts / "dit_step.onnx"), str(arts / "vae_decoder.onnx")])
+    # the engines whose ranges follow the duration: dit_step and vae_decoder (4 s is below one VAE window), cover_blend,
+    # and the tokenizer pair (patches); not the VAE encoder (its windows are longer than 8 s at this VAE window)
+    changed = ("dit_step", "vae_decoder", "cover_blend", "audio_tokenizer", "audio_detokenizer")
+    assert rebuilt == sorted(str(arts / f"{n}.onnx") for n in changed)
     assert trt.calls.count(("create_timing_cache", f"fake-timing-cache:{first}".encode())) == 1  # cache reused
     build_engines(arts, request=ProfileRequest(**{**SMALL.to_dict(), "max_duration": 8.0}), force=True)
-    assert len(trt.builds) == first + 2 + len(ENGINE_NAMES)
+    assert len(trt.builds) == first + len(changed) + len(ENGINE_NAMES)
 
 
 def test_version_compatible_build_sets_flags(arts, fakes):
     trt, _ = fakes
     manifest = build_engines(arts, request=SMALL, version_compatible=True, precision="tf32")
-    for _, config in trt.builds:
+    for network, config in trt.builds:
         assert fake_trt.BuilderFlag.VERSION_COMPATIBLE in config.flags
         assert fake_trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME not in config.flags  # the lean runtime is embedded
-        assert fake_trt.BuilderFlag.TF32 in config.flags
+        exact = network.onnx_path.endswith("audio_tokenizer.onnx")  # always exact fp32 (FSQ rounding)
+        assert (fake_trt.BuilderFlag.TF32 in config.flags) != exact
     assert manifest.data["version_compatible"] is True and manifest.data["precision"] == "tf32"
 
 

@@ -5,7 +5,11 @@ and returns host NumPy arrays keyed by the spec's tensor names. Device buffers a
 input shape (a few shapes are kept: the VAE sees two or three window lengths) and reused.
 :class:`TrtDitGraph` adds ``denoise``: the whole Euler loop with the latents on the device (dit_step
 computes ``next_latents = latents + dt * velocity`` itself; two latent buffers ping-pong), one upload and
-one download per call.
+one download per call; with ``audio_cover_strength < 1`` two DiT evaluations per step (the cover and the
+text2music condition) and the ``cover_blend`` engine mixing them, all on the device.
+
+The audio-to-audio graphs run as engines when ``engines.json`` has them; an engine directory built before
+they had engines serves the core graphs, and the runtime runs the audio graphs in ONNX Runtime (logged).
 
 Every engine is checked against ``engines.json`` before it is deserialized (TensorRT version, GPU
 compute capability, ONNX hashes, engine hashes), and every call's shapes against the engine's profile.
@@ -21,9 +25,10 @@ import numpy as np
 
 from ..artifacts import Artifacts, read_manifest
 from ..errors import AceStepError, ArtifactError, BackendError
-from ..specs import DIT_STEP, GRAPH_NAMES, GraphSpec
+from ..specs import COVER_BLEND, DIT_STEP, GraphSpec
 from ..trt.libs import NO_GPU, check_cuda, gpu_info, import_cudart, import_tensorrt, is_lean
-from ..trt.manifest import ENGINE_MANIFEST, EngineManifest, default_engine_dir, verify_engines
+from ..trt.manifest import (ENGINE_MANIFEST, EngineManifest, default_engine_dir, engine_graphs, missing_audio_engines,
+                            rebuild_remedy, verify_engines)
 from ..trt.profiles import GraphProfile, rebuild_args
 from ..vae import DEFAULT_VAE_WINDOW
 
@@ -202,6 +207,8 @@ class TrtDitGraph(TrtGraph):
         super().__init__(*args, **kwargs)
         self._loop: dict[tuple, DeviceBuffer] = {}  # latents shape -> second latent buffer (ping-pong)
         self._tables: dict[tuple, tuple[DeviceBuffer, DeviceBuffer]] = {}  # (steps, slot) -> timesteps, dts
+        self._blend: dict[tuple, tuple] = {}  # (latents, condition 2 shape) -> condition 2, plain latents, strength
+        self.mixer: TrtGraph | None = None  # the cover_blend engine, set by load_engines when it exists
 
     def set_weights(self, values: dict[str, np.ndarray], original: bool = False) -> None:
         """Refit the engine's weights {initializer: array} in place (LoRA; needs `build --refit`).
@@ -213,12 +220,15 @@ class TrtDitGraph(TrtGraph):
         refit(self.trt, self.engine, values)
 
     def denoise(self, latents: np.ndarray, condition: np.ndarray, context: np.ndarray, timesteps: np.ndarray,
-                sigmas: np.ndarray) -> np.ndarray:
+                sigmas: np.ndarray, blend=None) -> np.ndarray:
         """Euler loop without guidance; mirrors ``AceStepRuntime.denoise_host``.
 
         latents [B, T, 64], condition [B, C, H], context [B, T, 128], timesteps [N], sigmas [N + 1]
         -> latents [B, T, 64] after N steps of ``x = dit_step(x, t[i], dt=sigma[i+1] - sigma[i]).next_latents``.
-        Uploads latents, condition, context and the per-step tables once; downloads the result once.
+        ``blend`` = (audio_cover_strength, text2music condition [B, C2, H]): each step runs ``dit_step`` with
+        both conditions from the same latents and the ``cover_blend`` engine (:attr:`mixer`) mixes the two
+        next_latents, ``s * cover + (1 - s) * text2music`` (diffusers' velocity blend, see the cover_blend spec).
+        Uploads latents, conditions, context and the per-step tables once; downloads the result once.
         """
         batch, steps = latents.shape[0], len(timesteps)
         # per-step tables, one 256-byte-aligned slot per step (I/O addresses must be aligned)
@@ -231,6 +241,7 @@ class TrtDitGraph(TrtGraph):
                  "encoder_hidden_states": condition.astype(np.float32), "context_latents": context.astype(np.float32),
                  "dt": dts[0, :batch]}
         self.check(feeds)
+        mix = self._blend_setup(feeds, blend) if blend else None  # checked before any buffer is touched
         dit = self.bind({n: feeds[n].shape for n in self.inputs})
         ping, pong = dit["latents"], self._pong(latents.shape)
         ts_dev, dts_dev = self._step_tables(ts.shape, dts.shape)
@@ -240,18 +251,71 @@ class TrtDitGraph(TrtGraph):
             self.cuda.upload(ping.ptr, feeds["latents"])
             self.cuda.upload(ts_dev.ptr, ts)
             self.cuda.upload(dts_dev.ptr, dts)
+            if mix:
+                self._blend_upload(mix)
             for i in range(steps):
                 for name, ptr in (("latents", ping.ptr), ("timestep", ts_dev.ptr + i * slot * 4),
                                   ("dt", dts_dev.ptr + i * slot * 4), ("next_latents", pong.ptr)):
                     self.context.set_tensor_address(name, ptr)
                 self.enqueue()  # velocity -> dit["velocity"], next_latents -> pong
-                ping, pong = pong, ping
+                if mix:  # same latents, text2music condition -> plain; cover_blend(pong, plain) -> ping
+                    self._blend_step(mix, dit, ping, pong)
+                else:
+                    ping, pong = pong, ping
             result = np.empty(latents.shape, np.float32)
             self.cuda.download(result, ping.ptr)
             self.cuda.synchronize()
         finally:
             self._bound = None  # addresses were moved: rebind on the next run
+            if mix:
+                self.mixer._bound = None
         return result
+
+    def _blend_setup(self, feeds: dict[str, np.ndarray], blend) -> dict:
+        """Check the text2music condition against the DiT profile and the blend against cover_blend's; allocate
+        (once per shape) the second condition, the text2music next_latents and the strength on the device."""
+        if self.mixer is None:
+            raise BackendError("cover strength on the TensorRT loop needs the cover_blend engine.",
+                               "rebuild the engines with `acestep-trt build ARTIFACTS_DIR` (it builds cover_blend).")
+        strength, second = blend
+        second = np.ascontiguousarray(second, dtype=np.float32)
+        self.check({**feeds, "encoder_hidden_states": second})
+        shape = feeds["latents"].shape
+        mixing = {"cover_latents": feeds["latents"], "text2music_latents": feeds["latents"],
+                  "strength": np.array([strength], np.float32)}
+        self.mixer.check(mixing)
+        key = (shape, second.shape)
+        if key not in self._blend:
+            self._free(self._blend)
+            self._blend = {key: (DeviceBuffer(self.cuda, second.shape, np.float32),
+                                 DeviceBuffer(self.cuda, shape, np.float32), DeviceBuffer(self.cuda, (1,), np.float32))}
+        cond2, plain, strength_dev = self._blend[key]
+        return {"condition": second, "strength": mixing["strength"], "cond2": cond2, "plain": plain,
+                "strength_dev": strength_dev, "shapes": {n: feeds[n].shape for n in self.inputs}}
+
+    def _blend_upload(self, mix: dict) -> None:
+        self.cuda.upload(mix["cond2"].ptr, mix["condition"])
+        self.cuda.upload(mix["strength_dev"].ptr, mix["strength"])
+        shape = mix["shapes"]["latents"]
+        self.mixer.set_shapes({"cover_latents": shape, "text2music_latents": shape, "strength": (1,)})
+
+    def _blend_step(self, mix: dict, dit: dict, ping: DeviceBuffer, cover: DeviceBuffer) -> None:
+        """Second DiT evaluation of the step (text2music condition, its own cond_len) and the blend into ``ping``."""
+        shapes = mix["shapes"]
+        self._set_condition(mix["condition"].shape, mix["cond2"].ptr)
+        self.context.set_tensor_address("next_latents", mix["plain"].ptr)
+        self.enqueue()  # next_latents of the text2music condition -> plain
+        self._set_condition(shapes["encoder_hidden_states"], dit["encoder_hidden_states"].ptr)
+        for name, ptr in (("cover_latents", cover.ptr), ("text2music_latents", mix["plain"].ptr),
+                          ("strength", mix["strength_dev"].ptr), ("latents", ping.ptr)):
+            self.mixer.context.set_tensor_address(name, ptr)
+        self.mixer.enqueue()  # the step's latents, blended, -> ping (the DiT has read it already)
+
+    def _set_condition(self, shape: tuple[int, ...], ptr: int) -> None:
+        if not self.context.set_input_shape("encoder_hidden_states", tuple(shape)):
+            raise BackendError(f"TensorRT refused shape {tuple(shape)} for {self.name}.encoder_hidden_states.",
+                               "rebuild the engines with a profile that covers it, or use --backend ort.")
+        self.context.set_tensor_address("encoder_hidden_states", ptr)
 
     def _pong(self, shape: tuple[int, ...]) -> DeviceBuffer:
         """The second latent buffer for ``shape``, allocated once per shape (the last one is kept)."""
@@ -279,7 +343,8 @@ class TrtDitGraph(TrtGraph):
         super().close()
         self._free(self._loop)
         self._free(self._tables)
-        self._loop, self._tables = {}, {}
+        self._free(self._blend)
+        self._loop, self._tables, self._blend = {}, {}, {}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -301,24 +366,33 @@ def load_engines(artifacts: Artifacts, engine_dir: str | Path | None = None, vae
     except BackendError as err:
         raise BackendError(err.problem, f"{err.remedy} Or use --backend ort (ONNX Runtime).") from None
     engine_dir = Path(engine_dir) if engine_dir is not None else default_engine_dir(artifacts.root)
-    manifest = verify_engines(engine_dir, artifacts.root, artifacts.manifest, GRAPH_NAMES, str(trt.__version__),
-                              gpu.compute_capability, full_hash=full_hash)
+    manifest = verify_engines(engine_dir, artifacts.root, artifacts.manifest, None, str(trt.__version__),
+                              gpu.compute_capability, full_hash=full_hash)  # core + audio graphs built
     _check_runtime_fits(trt, manifest, vae_window, artifacts.root, engine_dir)
     cuda = CudaStream(cudart, device)
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     if manifest.version_compatible and hasattr(runtime, "engine_host_code_allowed"):
         runtime.engine_host_code_allowed = True  # the plan embeds the lean runtime (trusted: we built it)
     out = None if engine_dir == default_engine_dir(artifacts.root) else str(engine_dir)
+    tok = artifacts.audio_tokenizer
 
     def hint(graph, dim, size):
-        return rebuild_args(str(artifacts.root), manifest.request, artifacts.config, graph, dim, size, out)
+        return rebuild_args(str(artifacts.root), manifest.request, artifacts.config, graph, dim, size, out,
+                            tok.pool_window if tok else None)
 
     def open_graph(cls, name, spec, **extra):
         return cls(trt, runtime, cuda, manifest.engine_path(name), spec, manifest.profile(name), hint,
                    artifacts.config.latents_per_second, **extra)
 
-    runners = {name: open_graph(TrtDitGraph if name == DIT_STEP else TrtGraph, name, spec)
-               for name, spec in artifacts.specs.items()}
+    runners = {name: open_graph(TrtDitGraph if name == DIT_STEP else TrtGraph, name, artifacts.spec(name))
+               for name in engine_graphs(manifest, artifacts.manifest)}
+    runners[DIT_STEP].mixer = runners.get(COVER_BLEND)  # cover strength on the device loop
+    missing = missing_audio_engines(manifest, artifacts.manifest)
+    if missing:
+        log.warning("%s has no TensorRT engines for %s (built by an earlier acestep-trt): they run in ONNX "
+                    "Runtime%s. To run them on TensorRT, %s", engine_dir, ", ".join(missing),
+                    ", and cover strength on the host loop" if COVER_BLEND in missing else "",
+                    rebuild_remedy(artifacts.root, engine_dir).replace(" (or use --backend ort)", ""))
     log.info("TensorRT %s engines from %s on %s (compute capability %s)", trt.__version__, engine_dir, gpu.name,
              gpu.compute_capability)
     return runners
@@ -350,7 +424,7 @@ def engines_usable(artifacts_dir: str | Path, engine_dir: str | Path | None = No
     try:
         trt = import_tensorrt(lean_ok=True)
         gpu = gpu_info(import_cudart())
-        manifest = verify_engines(engine_dir, artifacts_dir, read_manifest(artifacts_dir), GRAPH_NAMES,
+        manifest = verify_engines(engine_dir, artifacts_dir, read_manifest(artifacts_dir), None,  # audio ones too
                                   str(trt.__version__), gpu.compute_capability, full_hash=False)
         if is_lean(trt) and not manifest.version_compatible:
             return "only the lean TensorRT runtime is installed and the engines are not version-compatible"

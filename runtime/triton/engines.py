@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ..artifacts import Artifacts
 from ..errors import ArtifactError, InputError
-from ..specs import GRAPH_NAMES
-from ..trt.manifest import EngineManifest, check_engine_files, check_sources, read_engine_manifest
+from ..trt.manifest import (EngineManifest, check_engine_files, check_sources, engine_graphs, read_engine_manifest)
 from ..vae import DEFAULT_VAE_WINDOW
 
 DEFAULT_MAX_BATCH = 8  # ONNX models: Triton batches up to this many prompts
@@ -26,9 +25,17 @@ def engine_manifest(artifacts: Artifacts, engines: Path) -> EngineManifest:
     remedy = (f"build the engines with `acestep-trt build {artifacts.root} --out {engines}` (it writes "
               "engines.json), or drop --engines.")
     manifest = read_engine_manifest(engines, remedy)
-    check_sources(manifest, artifacts.manifest, GRAPH_NAMES, remedy)
-    check_engine_files(manifest, GRAPH_NAMES, remedy, full_hash=False)
+    graphs = engine_graphs(manifest, artifacts.manifest)  # the core graphs and the audio graphs built
+    check_sources(manifest, artifacts.manifest, graphs, remedy)
+    check_engine_files(manifest, graphs, remedy, full_hash=False)
     return manifest
+
+
+def engine_batches(engines: Path) -> dict[str, int]:
+    """Graph -> the largest batch its engine's profile takes, for every engine in ``engines/engines.json``
+    (checked by :func:`engine_manifest` before a repository is written)."""
+    manifest = read_engine_manifest(engines, "build the engines with `acestep-trt build`, or drop --engines.")
+    return {graph: manifest.profile(graph).dims["batch"].max for graph in manifest.data["graphs"]}
 
 
 def fit_options(artifacts: Artifacts, options):

@@ -33,9 +33,9 @@ from pathlib import Path
 from ..artifacts import Artifacts, load_artifacts, sha256_file
 from .. import staging as stg
 from ..errors import ArtifactError, InputError
-from ..specs import DIT_STEP, GRAPH_NAMES
+from ..specs import DIT_STEP
 from . import config as tc
-from .engines import fit_options
+from .engines import engine_batches, fit_options
 from .serving import ARTIFACTS_SUBDIR, ORCHESTRATOR_JSON, served_graphs
 
 log = logging.getLogger(__name__)
@@ -87,18 +87,21 @@ def engine_path(engines: Path, graph: str) -> Path:
                         "build the engines with `acestep-trt build` into that directory, or drop --engines.")
 
 
-def _graph_max_batch(artifacts: Artifacts, graph: str, max_batch: int) -> int:
+def _graph_max_batch(artifacts: Artifacts, graph: str, max_batch: int, engine_batch: int | None = None) -> int:
     # Guidance (non-turbo checkpoints) runs the DiT on [conditional, unconditional]: twice the batch.
-    return 2 * max_batch if graph == DIT_STEP and not artifacts.config.is_turbo else max_batch
+    batch = 2 * max_batch if graph == DIT_STEP and not artifacts.config.is_turbo else max_batch
+    # an engine built for a smaller batch (the VAE encoder and tokenizer take one clip) caps it
+    return batch if engine_batch is None else min(batch, engine_batch)
 
 
 def _write_graph_model(artifacts: Artifacts, graph: str, root: Path, options: RepositoryOptions) -> dict:
     """One graph model directory; returns its manifest record."""
     spec = artifacts.spec(graph)
-    engine = options.engines is not None and graph in GRAPH_NAMES  # audio graphs: no TensorRT engines yet, ONNX
+    built = engine_batches(options.engines) if options.engines is not None else {}
+    engine = graph in built  # audio graphs of an engine directory built before they had engines: ONNX
     platform = tc.PLAN_PLATFORM if engine else tc.ONNX_PLATFORM
     leaf = tc.LeafOptions(platform, options.max_batch, options.instances)
-    text = tc.graph_model_config(spec, leaf, _graph_max_batch(artifacts, graph, options.max_batch))
+    text = tc.graph_model_config(spec, leaf, _graph_max_batch(artifacts, graph, options.max_batch, built.get(graph)))
     version = root / graph / "1"
     version.mkdir(parents=True)
     (root / graph / "config.pbtxt").write_text(text, encoding="utf-8")

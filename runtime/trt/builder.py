@@ -9,6 +9,12 @@ comes from the ONNX graph: TensorRT 11 has no FP16/BF16 builder flags, networks 
 ``dit_step`` carries the scheduler's Euler update (``next_latents``), so the runtime keeps the latents
 on the GPU for the whole denoising loop with no extra engine.
 
+The audio-to-audio graphs the export has (``vae_encoder``, ``cover_blend``, and the optional
+``audio_tokenizer`` / ``audio_detokenizer``) get engines too, with profiles from ``audio_dim_ranges``; an older
+export without them builds the four core engines as before. ``audio_tokenizer`` is always built without TF32
+(:data:`EXACT_FP32`): its FSQ rounds a projection with ``floor``, and TF32's 10-bit mantissa in that matmul
+would move values across bin edges (other codes), where exact fp32 only differs in the last bits.
+
 Builds are idempotent: an engine whose inputs (TensorRT version, GPU, flags, profiles, ONNX hashes) are
 unchanged and whose file still verifies is kept, not rebuilt.
 """
@@ -24,15 +30,16 @@ from pathlib import Path
 
 from ..artifacts import Artifacts, load_artifacts, read_manifest, sha256_file
 from ..errors import ArtifactError, BackendError, InputError
-from ..specs import DIT_STEP, GRAPH_NAMES, GraphSpec
+from ..specs import AUDIO_TOKENIZER, DIT_STEP, GRAPH_NAMES, GraphSpec
 from .libs import GpuInfo, gpu_info, import_tensorrt
 from .manifest import (ENGINE_FORMAT_VERSION, ENGINE_MANIFEST, TIMING_CACHE, EngineManifest, default_engine_dir,
                        onnx_records, read_engine_manifest)
-from .profiles import GraphProfile, ProfileRequest, derive_profiles
+from .profiles import GraphProfile, ProfileRequest, derive_audio_profiles, derive_profiles
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "tf32")
+EXACT_FP32 = (AUDIO_TOKENIZER,)  # built without TF32 whatever --precision says (FSQ rounding; module docstring)
 
 
 def _locked(build):
@@ -84,14 +91,19 @@ def build_engines(
     artifacts = load_artifacts(artifacts_dir)
     request = request or ProfileRequest()
     profiles = derive_profiles(artifacts.specs, artifacts.config, request, artifacts.vae_receptive_field)
+    tok = artifacts.audio_tokenizer
+    profiles.update(derive_audio_profiles(artifacts.audio_specs, artifacts.config, request,
+                                          artifacts.vae_encoder_receptive_field, tok.pool_window if tok else None))
     out = Path(out_dir) if out_dir is not None else default_engine_dir(artifacts_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = _header(trt, gpu, precision, version_compatible, request)
     previous = None if force else _previous(out, header)
     session = _Session(trt, Path(timing_cache) if timing_cache else out / TIMING_CACHE, workspace_gib)
     graphs = {}
-    for name in GRAPH_NAMES:
+    for name in (*GRAPH_NAMES, *artifacts.audio_graphs):  # audio graphs: the ones this export has
         record = _record(artifacts, name, profiles[name])
+        if name in EXACT_FP32 and precision != "fp32":  # part of the record: validated at the fp32 floor
+            record["precision"] = "fp32"
         if refit and name == DIT_STEP:  # part of the record: a refit request rebuilds a plain engine
             record["refit"] = True
         old = (previous or {}).get(name)
@@ -99,7 +111,8 @@ def build_engines(
             log.info("%s: engine up to date, kept (%s)", name, old["engine"])
             graphs[name] = old
             continue
-        graphs[name] = session.build(out, artifacts, name, record, precision, version_compatible)
+        graphs[name] = session.build(out, artifacts, name, record, record.get("precision", precision),
+                                     version_compatible)
     session.save_timing_cache()
     manifest = EngineManifest(out, {**header, "graphs": graphs, "built_unix": int(time.time()),
                                     "artifacts_dir": str(Path(artifacts_dir).resolve())})
@@ -219,7 +232,7 @@ class _Session:
         """Build one engine, write ``<name>.plan`` and return its manifest record."""
         started = time.perf_counter()
         network = self.network()
-        spec = artifacts.specs[name]
+        spec = artifacts.spec(name)
         _warn_undocumented(artifacts.graph_path(name))
         keep = _parse_onnx(self.trt, network, self.logger, artifacts.graph_path(name))
         _check_io(network, spec)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..artifacts import sha256_file
 from ..errors import ArtifactError
+from ..specs import AUDIO_GRAPH_NAMES, GRAPH_NAMES
 from .libs import version_tuple
 from .profiles import GraphProfile, ProfileRequest
 
@@ -129,6 +130,19 @@ def version_compatible_runs(built: str, running: str) -> str | None:
     return None
 
 
+def engine_graphs(manifest: EngineManifest, artifact_manifest: dict) -> list[str]:
+    """The graphs that run as engines: the four core graphs (required) and the audio-to-audio graphs that both
+    the artifacts and ``engines.json`` have. An engine directory built before audio engines existed has none:
+    those graphs then run in ONNX Runtime (the backend logs that a rebuild adds them)."""
+    audio = [g for g in AUDIO_GRAPH_NAMES if g in artifact_manifest["graphs"] and g in manifest.data["graphs"]]
+    return [*GRAPH_NAMES, *audio]
+
+
+def missing_audio_engines(manifest: EngineManifest, artifact_manifest: dict) -> list[str]:
+    """Audio-to-audio graphs the artifacts have but ``engines.json`` does not (built by an older toolkit)."""
+    return [g for g in AUDIO_GRAPH_NAMES if g in artifact_manifest["graphs"] and g not in manifest.data["graphs"]]
+
+
 def check_compatible(manifest: EngineManifest, trt_version: str, compute_capability: str, remedy: str) -> None:
     """Refuse engines of another TensorRT version (unless version-compatible) or another GPU architecture."""
     if manifest.version_compatible:
@@ -177,9 +191,13 @@ def check_engine_files(manifest: EngineManifest, graphs, remedy: str, full_hash:
 
 def verify_engines(engine_dir: str | Path, artifacts_dir: str | Path, artifact_manifest: dict, graphs,
                    trt_version: str, compute_capability: str, full_hash: bool = True) -> EngineManifest:
-    """All refusal checks at once; returns the manifest when the engines may run here."""
+    """All refusal checks at once; returns the manifest when the engines may run here.
+
+    ``graphs=None``: :func:`engine_graphs` (the core graphs and the audio graphs built for these artifacts).
+    """
     remedy = rebuild_remedy(artifacts_dir, engine_dir)
     manifest = read_engine_manifest(engine_dir, remedy)
+    graphs = engine_graphs(manifest, artifact_manifest) if graphs is None else graphs
     check_compatible(manifest, trt_version, compute_capability, remedy)
     check_sources(manifest, artifact_manifest, graphs, remedy)
     check_engine_files(manifest, graphs, remedy, full_hash)

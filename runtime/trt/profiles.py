@@ -13,7 +13,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..errors import InputError
-from ..specs import CONDITION_ENCODER, DIT_STEP, TEXT_ENCODER, VAE_DECODER, GraphSpec, ModelConfig
+from ..specs import (AUDIO_DETOKENIZER, AUDIO_TOKENIZER, CONDITION_ENCODER, COVER_BLEND, DIT_STEP, TEXT_ENCODER,
+                     VAE_DECODER, VAE_ENCODER, GraphSpec, ModelConfig)
 from ..vae import DEFAULT_VAE_WINDOW, window_overlap
 
 
@@ -210,11 +211,19 @@ def derive_profiles(specs: dict[str, GraphSpec], cfg: ModelConfig, req: ProfileR
 
 
 def rebuild_args(artifacts_dir: str, req: ProfileRequest, cfg: ModelConfig, graph: str, dim: str, size: int,
-                 out: str | None = None) -> str:
-    """``acestep-trt build`` arguments for ``req`` widened so that ``dim = size`` fits ``graph``."""
+                 out: str | None = None, pool_window: int | None = None) -> str:
+    """``acestep-trt build`` arguments for ``req`` widened so that ``dim = size`` fits ``graph``.
+
+    Audio graphs: ``patches`` (5 Hz codes) count as ``size * pool_window`` latent frames; the VAE encoder's
+    ``audio_len`` is a window, set by ``--vae-window``.
+    """
     changes: dict = {}
     lps = cfg.latents_per_second
-    if dim == "latent_len" and graph == VAE_DECODER:
+    if dim == "patches" and pool_window:
+        dim, size = "latent_len", size * pool_window
+    if dim == "audio_len" and graph == VAE_ENCODER:
+        changes["vae_window"] = max(req.vae_window, -(-size // cfg.hop_length))
+    elif dim == "latent_len" and graph == VAE_DECODER:
         changes["vae_window"] = max(req.vae_window, size)
     elif dim == "latent_len":
         seconds = size / lps
@@ -253,7 +262,7 @@ def audio_dim_ranges(cfg: ModelConfig, req: ProfileRequest, encoder_receptive_fi
     - audio_tokenizer: batch 1 (cover tokenises the one source); patches = ceil(frames / pool window).
     - audio_detokenizer: the prompt batch (codes may differ per prompt); patches as the tokenizer's.
     - cover_blend: the prompt batch and the DiT's latent lengths.
-    Not yet used by ``build`` (no engines are built for these graphs).
+    ``build`` derives the audio engines' profiles from these (:func:`derive_audio_profiles`).
     """
     frames = ShapeRange(cfg.latent_length(req.min_duration), cfg.latent_length(req.opt_duration),
                         cfg.latent_length(req.max_duration))
@@ -270,3 +279,27 @@ def audio_dim_ranges(cfg: ModelConfig, req: ProfileRequest, encoder_receptive_fi
         ranges["audio_tokenizer"] = {"batch": ShapeRange.fixed(1), "patches": patches}
         ranges["audio_detokenizer"] = {"batch": batch, "patches": patches}
     return ranges
+
+
+def derive_audio_profiles(specs: dict[str, GraphSpec], cfg: ModelConfig, req: ProfileRequest,
+                          encoder_receptive_field: int, pool_window: int | None) -> dict[str, GraphProfile]:
+    """Graph name -> :class:`GraphProfile` for the audio-to-audio graphs in ``specs`` (the ones exported)."""
+    ranges = audio_dim_ranges(cfg, req, encoder_receptive_field, pool_window)
+    return {name: graph_profile(spec, ranges[name]) for name, spec in specs.items()}
+
+
+def call_dims(graph: str, batch: int, dit_batch: int, frames: int, pool_window: int | None) -> dict[str, int]:
+    """The symbolic dims a call binds on ``graph`` that are known before any work (checked against the engines'
+    profiles first, so a call that does not fit fails before anything runs).
+
+    ``batch``: prompts; ``dit_batch``: the DiT's batch per evaluation (x2 with guidance); ``frames``: latent frames.
+    The VAE encoder and the tokenizer run on the one source clip (batch 1) in windows of the engine's VAE
+    window, so nothing about them depends on the call; the detokenizer sees the prompt batch (codes) or 1.
+    """
+    patches = -(-frames // pool_window) if pool_window else None
+    dims = {DIT_STEP: {"batch": dit_batch, "latent_len": frames},
+            COVER_BLEND: {"batch": batch, "latent_len": frames},
+            VAE_ENCODER: {},
+            AUDIO_TOKENIZER: {"patches": patches} if patches else {},
+            AUDIO_DETOKENIZER: {"batch": batch, **({"patches": patches} if patches else {})}}
+    return dims.get(graph, {"batch": batch})
