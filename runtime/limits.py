@@ -253,13 +253,14 @@ def vae_level_elements(geometry: Geometry, frames: int, latent_channels: int) ->
 
 
 def estimate_memory(config, geometry: Geometry, batch: int, frames: int, guided: bool, vae_window: int,
-                    vae_overlap: int, cond_len: int, on_device: bool = False) -> MemoryEstimate:
+                    vae_overlap: int, cond_len: int, on_device: bool = False, vae_workers: int = 1) -> MemoryEstimate:
     """Peak bytes of one call beyond the loaded weights.
 
     DiT (per step, one layer at a time): self-attention scores ``[B', H, L, L]`` with ``L = ceil(T / patch)``,
     cross-attention scores ``[B', H, L, cond_len]``, hidden and MLP activations ``[B', L, hidden + mlp]``;
     ``B'`` doubles with guidance (conditional and unconditional halves in one batch). VAE: windows of
-    ``vae_window + 2 * overlap`` frames (or the whole clip when shorter) at the decoder's largest level, plus the
+    ``vae_window + 2 * overlap`` frames (or the whole clip when shorter; with ``vae_workers`` > 1 the windows
+    decoded at once, each with its overlaps) at the decoder's largest level, plus the
     per-window growth measured for ONNX Runtime's arena. Audio: ``[B, channels, T * hop]`` float32.
     """
     dit_batch = batch * (2 if guided else 1)
@@ -271,6 +272,12 @@ def estimate_memory(config, geometry: Geometry, batch: int, frames: int, guided:
     whole = frames <= vae_window + 2 * vae_overlap  # decode_windowed decodes short clips in one go
     window = frames if whole else vae_window + 2 * vae_overlap
     windows = 1 if whole else -(-frames // vae_window)
+    if vae_workers > 1:  # parallel windows on the CPU (runtime/vae.py): ``vae_workers`` windows in flight at once
+        from .vae import window_cores
+
+        cores = window_cores(frames, vae_window, vae_overlap, vae_workers)
+        windows = len(cores)
+        window = sum(min(frames, end - start + 2 * vae_overlap) for start, end in cores[:vae_workers])
     level = batch * vae_level_elements(geometry, window, config.latent_channels) * FLOAT_BYTES
     vae = int(level * (VAE_WINDOW_COPIES + VAE_GROWTH_PER_WINDOW * min(windows - 1, VAE_GROWTH_WINDOWS)))
     audio = int(AUDIO_COPIES * batch * config.audio_channels * frames * config.hop_length * FLOAT_BYTES)
@@ -379,7 +386,7 @@ def check_call(runtime, batch: int, duration: float, guided: bool, max_text_leng
     estimate = estimate_memory(
         config, Geometry.from_manifest(runtime.artifacts.manifest), batch, frames, guided, runtime.vae_window,
         window_overlap(runtime.artifacts.vae_receptive_field), max_text_length + max_lyric_length + 1,
-        on_device=runtime.device == "cuda")
+        on_device=runtime.device == "cuda", vae_workers=getattr(runtime, "vae_workers", {}).get("vae_decoder", 1))
     proven = getattr(runtime, "_memory_proven", None)
     if proven is not None and estimate.host <= proven.host and estimate.device <= proven.device:
         return estimate
