@@ -12,9 +12,15 @@ ONNX Runtime's profiler on, the time per operator type summed over the node even
 with its share of the total, the number of nodes per run and the mean time per call. The input is
 random: the time of these graphs does not depend on the values (fixed shapes, no data-dependent control).
 
-The session options are the runtime's (``runtime/backends/ort.py``, including its VAE settings) unless
-``--opt-level``, ``--spinning`` or ``--execution-mode`` override them, so one export can also be compared
-with itself under other settings (pass the same directory twice with ``--variant-options``).
+Session options are ONNX Runtime's defaults with ``--threads`` intra-op threads; ``--variant-options``
+(one per export, in order) overrides them, so one export can be compared with itself under other settings
+(pass the same directory twice). ``workers=N`` in a variant times the decode as the runtime does on the CPU
+(``runtime/vae.py``: N windows at once, each a single-threaded run; ``window=`` its ``vae_window``), and
+``--diffusers MODEL_DIR`` adds diffusers' own ``AutoencoderOobleck`` in fp32 and bf16 (torch, ``--threads``
+threads) to the alternation, with each side's audio difference to diffusers fp32:
+
+    .venv/bin/python scripts/profile_vae.py OLD_ART NEW_ART --variant-options workers=1 \
+        --variant-options workers=2 --diffusers MODEL_DIR --duration 10 --runs 5
 """
 
 from __future__ import annotations
@@ -57,15 +63,11 @@ def make_feed(session, graph: str, frames: int, hop: int) -> dict[str, np.ndarra
 
 
 def session_options(ort, args, settings: dict, profile_dir: str | None):
-    """The runtime's options for the VAE graphs, then this variant's overrides."""
-    from acestep_trt.runtime.backends import ort as ours
-
+    """ONNX Runtime's defaults with ``--threads`` intra-op threads (one with ``workers``), then this variant's
+    overrides."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = args.threads
-    configure = getattr(ours, "configure_vae_options", None)
-    if configure is not None and not settings.get("plain"):
-        configure(options, "cpu")
+    options.intra_op_num_threads = 1 if int(settings.get("workers", 1)) > 1 else args.threads
     if "opt_level" in settings:
         options.graph_optimization_level = ort.GraphOptimizationLevel(_LEVELS[settings["opt_level"]])
     if "spinning" in settings:
@@ -97,8 +99,54 @@ def op_times(profile_file: str, skip_runs: int) -> tuple[dict[str, float], dict[
     return total, count, len(runs)
 
 
+def overlap_of(source: str, graph: str, default: int = 11) -> int:
+    """Window overlap (receptive field + 2) from an artifact directory's manifest, else ``default``."""
+    from acestep_trt.runtime.vae import window_overlap
+
+    manifest = Path(source) / "manifest.json"
+    if not manifest.is_file():
+        return default
+    vae = json.loads(manifest.read_text()).get("vae", {})
+    key = "receptive_field_frames" if graph == "vae_decoder" else "encoder_receptive_field_frames"
+    return window_overlap(int(vae[key])) if key in vae else default
+
+
+def timed_call(session, graph: str, feed: dict, settings: dict, overlap: int, hop: int):
+    """A no-argument callable: one graph run, or the runtime's windowed decode/encode with ``workers``."""
+    from acestep_trt.runtime.vae import decode_windowed, encode_windowed
+
+    workers = int(settings.get("workers", 1))
+    (name, value), = feed.items()
+    if workers <= 1 and "window" not in settings:
+        return lambda: session.run(None, feed)
+    window = int(settings.get("window", 256))
+    if graph == "vae_decoder":
+        return lambda: decode_windowed(lambda z: session.run(None, {name: z})[0], value, hop, window, overlap, workers)
+    return lambda: encode_windowed(lambda a: tuple(session.run(None, {name: a})), value, hop, window, overlap, workers)
+
+
+def diffusers_calls(model_dir: str, graph: str, feed: dict, threads: int) -> dict:
+    """{label: callable} for diffusers' AutoencoderOobleck decode/encode in fp32 and bf16 on the CPU."""
+    import torch
+    from diffusers import AutoencoderOobleck
+
+    torch.set_num_threads(threads)
+    value = torch.from_numpy(next(iter(feed.values())))
+    calls = {}
+    for label, dtype in (("diffusers fp32", torch.float32), ("diffusers bf16", torch.bfloat16)):
+        vae = AutoencoderOobleck.from_pretrained(Path(model_dir) / "vae", torch_dtype=dtype).eval()
+
+        def call(vae=vae, dtype=dtype):
+            with torch.no_grad():
+                if graph == "vae_decoder":
+                    return vae.decode(value.to(dtype)).sample.float().numpy()
+                return vae.encode(value.to(dtype)).latent_dist.mean.float().numpy()
+        calls[label] = call
+    return calls
+
+
 def parse_variant(text: str) -> dict:
-    """``opt_level=all,spinning=0,execution_mode=parallel`` -> dict (``plain=1``: ORT's own defaults)."""
+    """``opt_level=all,spinning=0,execution_mode=parallel,workers=2,window=256`` -> dict."""
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -116,8 +164,10 @@ def main() -> None:
     parser.add_argument("--hop", type=int, default=1920, help="audio samples per latent frame (default 1920)")
     parser.add_argument("--rate", type=int, default=48000, help="audio sample rate (default 48000)")
     parser.add_argument("--variant-options", action="append", default=[],
-                        help="per export, in order: session overrides such as opt_level=all,spinning=0,"
-                             "execution_mode=parallel (plain=1: ONNX Runtime's defaults, not the runtime's)")
+                        help="per export, in order: overrides such as opt_level=all,spinning=0,"
+                             "execution_mode=parallel, workers=2 (the runtime's parallel windows), window=256")
+    parser.add_argument("--diffusers", metavar="MODEL_DIR", help="also time diffusers' VAE (fp32, bf16) from MODEL_DIR")
+    parser.add_argument("--no-profile", action="store_true", help="wall times only, no per-operator profile")
     parser.add_argument("--top", type=int, default=12, help="op types shown per export (default 12)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -131,19 +181,32 @@ def main() -> None:
     sessions = [ort.InferenceSession(str(p), session_options(ort, args, v, None), providers=["CPUExecutionProvider"])
                 for p, v in zip(paths, variants)]
     feeds = [make_feed(s, args.graph, frames, args.hop) for s in sessions]
-    walls: list[list[float]] = [[] for _ in sessions]
-    for s, f in zip(sessions, feeds):
-        s.run(None, f)  # warm-up
+    calls = {label: timed_call(s, args.graph, f, v, overlap_of(e, args.graph), args.hop)
+             for label, s, f, v, e in zip(labels, sessions, feeds, variants, args.exports)}
+    if args.diffusers:
+        calls.update(diffusers_calls(args.diffusers, args.graph, feeds[0], args.threads))
+    outputs = {label: call() for label, call in calls.items()}  # warm-up, and each side's output
+    walls: dict[str, list[float]] = {label: [] for label in calls}
     for _ in range(args.runs):
-        for i, (s, f) in enumerate(zip(sessions, feeds)):
+        for label, call in calls.items():
             started = time.perf_counter()
-            s.run(None, f)
-            walls[i].append(time.perf_counter() - started)
+            call()
+            walls[label].append(time.perf_counter() - started)
     del sessions
     print(f"{args.graph}, {args.duration:g} s clip ({frames} latent frames), {args.threads} threads, "
           f"median of {args.runs} alternating runs:")
-    for label, w in zip(labels, walls):
-        print(f"  {label}: {statistics.median(w):.3f} s  (runs: {', '.join(f'{x:.3f}' for x in w)})")
+    ref = outputs.get("diffusers fp32")
+    for label, w in walls.items():
+        line = f"  {label}: {statistics.median(w):.3f} s  (runs: {', '.join(f'{x:.3f}' for x in w)})"
+        out = outputs[label]
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        if ref is not None and np.shape(out) == np.shape(ref):
+            err = np.asarray(out, np.float64) - ref
+            snr = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(np.sum(err ** 2), 1e-30))
+            line += f"  max |diff| to diffusers fp32 {np.max(np.abs(err)):.2e}, SNR {snr:.1f} dB"
+        print(line)
+    if args.no_profile:
+        return
     with tempfile.TemporaryDirectory(prefix="profile-vae-") as work:
         for label, path, variant, feed in zip(labels, paths, variants, feeds):
             opts = session_options(ort, args, variant, work)
