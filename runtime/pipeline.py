@@ -157,6 +157,8 @@ class AceStepRuntime:
         ``emulate_precision``: run reduced-precision (bf16/fp16) graphs on the CPU as fp32 arithmetic
         rounded to their dtype, to check their numerics without a GPU (refused otherwise; slower than fp32).
         ``limits``: request limits (:class:`~acestep_trt.runtime.limits.Limits`; default: the model's range).
+        ``threads``: ONNX Runtime intra-op threads per graph (default: its own); on the CPU the VAE graphs
+        instead run that many windows at once (default: the cores this process may use), each single-threaded.
         """
         from .backends.ort import OrtGraph, check_device
 
