@@ -277,16 +277,20 @@ def vae_encoder_level_elements(geometry: Geometry, samples: int) -> int:
     return largest
 
 
-def encoder_memory(config, geometry: Geometry, samples: int, vae_window: int, overlap: int) -> tuple[int, int, int]:
+def encoder_memory(config, geometry: Geometry, samples: int, vae_window: int, overlap: int,
+                   workers: int = 1) -> tuple[int, int, int]:
     """(encoder bytes, source bytes, windows) for VAE-encoding one clip of ``samples`` (batch 1), windowed as
-    :func:`acestep_trt.runtime.vae.encode_windowed` does: whole when it is at most ``vae_window + 2 * overlap``
-    frames, else windows of that many frames."""
+    :func:`acestep_trt.runtime.vae.encode_windowed` does (:func:`~acestep_trt.runtime.vae.window_cores`):
+    the audio of the windows in flight at once, each core with its overlaps."""
+    from .vae import window_cores
+
     if samples <= 0:
         return 0, 0, 0
     frames = samples // config.hop_length
-    whole = frames <= vae_window + 2 * overlap
-    window = samples if whole else (vae_window + 2 * overlap) * config.hop_length
-    windows = 1 if whole else -(-frames // vae_window)
+    cores = window_cores(frames, vae_window, overlap, workers)
+    windows = len(cores)
+    window = samples if windows == 1 else config.hop_length * sum(
+        min(frames, end - start + 2 * overlap) for start, end in cores[:max(1, workers)])
     level = vae_encoder_level_elements(geometry, window) * FLOAT_BYTES
     encoder = int(level * (ENCODER_WINDOW_COPIES + ENCODER_GROWTH_PER_WINDOW * min(windows - 1, VAE_GROWTH_WINDOWS)))
     source = int(SOURCE_COPIES * config.audio_channels * samples * FLOAT_BYTES + config.audio_channels * window
@@ -295,14 +299,15 @@ def encoder_memory(config, geometry: Geometry, samples: int, vae_window: int, ov
 
 
 def estimate_memory(config, geometry: Geometry, batch: int, frames: int, guided: bool, vae_window: int,
-                    vae_overlap: int, cond_len: int, on_device: bool = False, encode_samples: int = 0,
-                    encoder_overlap: int = 0) -> MemoryEstimate:
+                    vae_overlap: int, cond_len: int, on_device: bool = False, vae_workers: int = 1,
+                    encode_samples: int = 0, encoder_overlap: int = 0, encoder_workers: int = 1) -> MemoryEstimate:
     """Peak bytes of one call beyond the loaded weights.
 
     DiT (per step, one layer at a time): self-attention scores ``[B', H, L, L]`` with ``L = ceil(T / patch)``,
     cross-attention scores ``[B', H, L, cond_len]``, hidden and MLP activations ``[B', L, hidden + mlp]``;
     ``B'`` doubles with guidance (conditional and unconditional halves in one batch). VAE: windows of
-    ``vae_window + 2 * overlap`` frames (or the whole clip when shorter) at the decoder's largest level, plus the
+    ``vae_window + 2 * overlap`` frames (or the whole clip when shorter; with ``vae_workers`` > 1 the windows
+    decoded at once, each with its overlaps) at the decoder's largest level, plus the
     per-window growth measured for ONNX Runtime's arena. Audio: ``[B, channels, T * hop]`` float32.
     ``encode_samples``: the longest clip the VAE encoder sees (source, or the 30 s reference), 0 for none
     (:func:`encoder_memory`).
@@ -316,10 +321,17 @@ def estimate_memory(config, geometry: Geometry, batch: int, frames: int, guided:
     whole = frames <= vae_window + 2 * vae_overlap  # decode_windowed decodes short clips in one go
     window = frames if whole else vae_window + 2 * vae_overlap
     windows = 1 if whole else -(-frames // vae_window)
+    if vae_workers > 1:  # parallel windows on the CPU (runtime/vae.py): ``vae_workers`` windows in flight at once
+        from .vae import window_cores
+
+        cores = window_cores(frames, vae_window, vae_overlap, vae_workers)
+        windows = len(cores)
+        window = sum(min(frames, end - start + 2 * vae_overlap) for start, end in cores[:vae_workers])
     level = batch * vae_level_elements(geometry, window, config.latent_channels) * FLOAT_BYTES
     vae = int(level * (VAE_WINDOW_COPIES + VAE_GROWTH_PER_WINDOW * min(windows - 1, VAE_GROWTH_WINDOWS)))
     audio = int(AUDIO_COPIES * batch * config.audio_channels * frames * config.hop_length * FLOAT_BYTES)
-    encoder, source, encoded_windows = encoder_memory(config, geometry, encode_samples, vae_window, encoder_overlap)
+    encoder, source, encoded_windows = encoder_memory(config, geometry, encode_samples, vae_window, encoder_overlap,
+                                                      encoder_workers)
     detail = {"dit_batch": dit_batch, "tokens": tokens, "score_bytes": scores, "vae_window_frames": window,
               "vae_windows": windows, "encoder_windows": encoded_windows}
     return MemoryEstimate(dit, vae, audio, on_device, detail, encoder, source)
@@ -427,8 +439,10 @@ def check_call(runtime, batch: int, duration: float, guided: bool, max_text_leng
     estimate = estimate_memory(
         config, Geometry.from_manifest(runtime.artifacts.manifest), batch, frames, guided, runtime.vae_window,
         window_overlap(runtime.artifacts.vae_receptive_field), max_text_length + max_lyric_length + 1,
-        on_device=runtime.device == "cuda", encode_samples=encode_samples,
-        encoder_overlap=window_overlap(getattr(runtime.artifacts, "vae_encoder_receptive_field", 0) or 0))
+        on_device=runtime.device == "cuda", vae_workers=getattr(runtime, "vae_workers", {}).get("vae_decoder", 1),
+        encode_samples=encode_samples,
+        encoder_overlap=window_overlap(getattr(runtime.artifacts, "vae_encoder_receptive_field", 0) or 0),
+        encoder_workers=getattr(runtime, "vae_workers", {}).get("vae_encoder", 1))
     proven = getattr(runtime, "_memory_proven", None)
     if proven is not None and estimate.host <= proven.host and estimate.device <= proven.device:
         return estimate

@@ -31,7 +31,7 @@ from .prompt import TEXT2MUSIC_INSTRUCTION, format_prompt
 from .specs import COVER_BLEND, CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
 from .tokenizer import TextTokenizer
 from .trt.profiles import call_dims
-from .vae import DEFAULT_VAE_WINDOW, decode_windowed, encode_windowed, normalize_peak, window_overlap
+from .vae import DEFAULT_VAE_WINDOW, cpu_workers, decode_windowed, encode_windowed, normalize_peak, window_overlap
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,12 @@ def check_arguments(duration, steps=8, shift=3.0, guidance=1.0, task_type="text2
                              "pass a decreasing schedule such as [1.0, 0.75, 0.5, 0.25].")
 
 
+def _graph_threads(name: str, device: str, threads: int | None) -> int | None:
+    """ONNX Runtime intra-op threads for ``name``: one for the VAE graphs on the CPU, which run that many
+    windows at once instead (runtime/vae.py ``cpu_workers``), ``threads`` (None: ONNX Runtime's default) else."""
+    return 1 if device == "cpu" and name in (VAE_DECODER, VAE_ENCODER) else threads
+
+
 class AceStepRuntime:
     """Loaded graphs + constants + tokenizer of one artifact directory. Use :meth:`load`."""
 
@@ -125,6 +131,7 @@ class AceStepRuntime:
         self.backend = backend
         self.device = device
         self.vae_window = vae_window
+        self.vae_workers = {VAE_DECODER: 1, VAE_ENCODER: 1}  # windows run at once (runtime/vae.py cpu_workers)
         self.tokenizer = TextTokenizer(artifacts.tokenizer_dir)
         self.constants = artifacts.load_constants()
         sched.check_scheduler_config(artifacts.scheduler)
@@ -151,6 +158,8 @@ class AceStepRuntime:
         ``emulate_precision``: run reduced-precision (bf16/fp16) graphs on the CPU as fp32 arithmetic
         rounded to their dtype, to check their numerics without a GPU (refused otherwise; slower than fp32).
         ``limits``: request limits (:class:`~acestep_trt.runtime.limits.Limits`; default: the model's range).
+        ``threads``: ONNX Runtime intra-op threads per graph (default: its own); on the CPU the VAE graphs
+        instead run that many windows at once (default: the cores this process may use), each single-threaded.
         """
         from .backends.ort import OrtGraph, check_device
 
@@ -166,8 +175,8 @@ class AceStepRuntime:
             audio_device = device if device == "cpu" or _ort_has_cuda() else "cpu"
         else:
             runners = {
-                name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device, threads,
-                               artifacts.precision(name), emulate_precision)
+                name: OrtGraph(artifacts.graph_path(name), artifacts.specs[name], device,
+                               _graph_threads(name, device, threads), artifacts.precision(name), emulate_precision)
                 for name in GRAPH_NAMES
             }
             audio_device = device
@@ -175,8 +184,12 @@ class AceStepRuntime:
             if name in runners:
                 continue
             runners[name] = OrtGraph(artifacts.graph_path(name), artifacts.audio_specs[name], audio_device,
-                                     threads, artifacts.precision(name), emulate_precision)
+                                     _graph_threads(name, audio_device, threads), artifacts.precision(name),
+                                     emulate_precision)
         runtime = cls(artifacts, runners, kind, device, int(vae_window), device_loop, limits)
+        for name, where in ((VAE_DECODER, device if kind == "ort" else "gpu"), (VAE_ENCODER, audio_device)):
+            if where == "cpu":
+                runtime.vae_workers[name] = cpu_workers(threads)
         artifacts.check_unchanged()  # every file opened is the one verified (no re-export in between)
         return runtime
 
@@ -264,7 +277,7 @@ class AceStepRuntime:
 
         overlap = window_overlap(self.artifacts.vae_encoder_receptive_field)
         mean, std = encode_windowed(encode, np.ascontiguousarray(audio, dtype=np.float32), self.config.hop_length,
-                                    window or self.vae_window, overlap)
+                                    window or self.vae_window, overlap, self.vae_workers[VAE_ENCODER])
         latents = mean if posterior == "mode" else mean + std * task_lib.posterior_noise(seed, stream, mean.shape)
         return np.ascontiguousarray(latents.transpose(0, 2, 1), dtype=np.float32)
 
@@ -364,6 +377,7 @@ class AceStepRuntime:
             self.config.hop_length,
             self.vae_window,
             window_overlap(self.artifacts.vae_receptive_field),
+            self.vae_workers[VAE_DECODER],
         )
 
     # ------------------------------------------------------------------ call

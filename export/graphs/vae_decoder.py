@@ -1,6 +1,7 @@
 """``vae_decoder`` graph: ``AutoencoderOobleck.decoder`` with weight norm folded into plain weights.
 
-Removing weight norm gives identical output and a clean graph (no per-call norm of every kernel).
+Removing weight norm gives identical output and a clean graph (no per-call norm of every kernel); the Snake
+activations are folded (``vae_blocks.fold_snakes``: constants computed once, ``Pow`` -> ``Mul``).
 The pipeline decodes without tiling (``use_tiling`` is off), so this graph is the whole-decode reference;
 the runtime windows long clips itself.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .vae_blocks import fold_snakes
+
 
 def stripped_decoder(vae: nn.Module) -> nn.Module:
     """A copy of ``vae.decoder`` whose weight-normed convolutions hold plain weights."""
@@ -17,7 +20,8 @@ def stripped_decoder(vae: nn.Module) -> nn.Module:
 
 
 def stripped_part(vae: nn.Module, part: str) -> nn.Module:
-    """A copy of ``vae.<part>`` (``encoder`` or ``decoder``) whose weight-normed convolutions hold plain weights.
+    """A copy of ``vae.<part>`` (``encoder`` or ``decoder``) whose weight-normed convolutions hold plain weights
+    and whose Snake activations are folded (:func:`~.vae_blocks.fold_snakes`; same function, less work).
 
     (weight-normed modules cannot be deep-copied, so the copy is rebuilt from config and state dict.)
     """
@@ -29,6 +33,7 @@ def stripped_part(vae: nn.Module, part: str) -> nn.Module:
             torch.nn.utils.remove_weight_norm(sub)
         elif hasattr(sub, "parametrizations") and "weight" in getattr(sub, "parametrizations", {}):
             torch.nn.utils.parametrize.remove_parametrizations(sub, "weight", leave_parametrized=True)
+    fold_snakes(module)
     return module
 
 

@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Per-operator profile of an export's VAE graphs (decoder, encoder) under ONNX Runtime's CPU provider.
+
+    .venv/bin/python scripts/profile_vae.py ARTIFACTS_DIR --duration 10 --threads 2
+    .venv/bin/python scripts/profile_vae.py OLD_DIR NEW_DIR --duration 10 --runs 5   # side by side
+    .venv/bin/python scripts/profile_vae.py ARTIFACTS_DIR --graph vae_encoder --duration 10
+
+For each export (one or more artifact directories, or .onnx files directly) it prints the wall time of
+one graph run (median of ``--runs`` runs after a warm-up; with several exports the runs alternate, A B A
+B ..., in one process, so that drift in machine load hits all equally) and, from a second session with
+ONNX Runtime's profiler on, the time per operator type summed over the node events of the timed runs,
+with its share of the total, the number of nodes per run and the mean time per call. The input is
+random: the time of these graphs does not depend on the values (fixed shapes, no data-dependent control).
+
+Session options are ONNX Runtime's defaults with ``--threads`` intra-op threads; ``--variant-options``
+(one per export, in order) overrides them, so one export can be compared with itself under other settings
+(pass the same directory twice). ``workers=N`` in a variant times the decode as the runtime does on the CPU
+(``runtime/vae.py``: N windows at once, each a single-threaded run; ``window=`` its ``vae_window``), and
+``--diffusers MODEL_DIR`` adds diffusers' own ``AutoencoderOobleck`` in fp32 and bf16 (torch, ``--threads``
+threads) to the alternation, with each side's audio difference to diffusers fp32:
+
+    .venv/bin/python scripts/profile_vae.py OLD_ART NEW_ART --variant-options workers=1 \
+        --variant-options workers=2 --diffusers MODEL_DIR --duration 10 --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("profile_vae")
+
+_LEVELS = {"disable": 0, "basic": 1, "extended": 2, "all": 99}
+
+
+def graph_path(source: str, graph: str) -> Path:
+    """``source`` is an artifact directory (holding ``<graph>.onnx``) or an ``.onnx`` file."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / f"{graph}.onnx"
+    if not path.is_file():
+        sys.exit(f"error: {path} does not exist (export with `acestep-trt export`, or pass an .onnx file).")
+    return path
+
+
+def make_feed(session, graph: str, frames: int, hop: int) -> dict[str, np.ndarray]:
+    """Random input for ``frames`` latent frames: latents [1, 64, frames] or audio [1, 2, frames * hop]."""
+    rng = np.random.default_rng(0)
+    inp = session.get_inputs()[0]
+    channels = inp.shape[1] if isinstance(inp.shape[1], int) else 64
+    length = frames if graph == "vae_decoder" else frames * hop
+    scale = 1.0 if graph == "vae_decoder" else 0.3
+    return {inp.name: (scale * rng.standard_normal((1, channels, length))).astype(np.float32)}
+
+
+def session_options(ort, args, settings: dict, profile_dir: str | None):
+    """ONNX Runtime's defaults with ``--threads`` intra-op threads (one with ``workers``), then this variant's
+    overrides."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1 if int(settings.get("workers", 1)) > 1 else args.threads
+    if "opt_level" in settings:
+        options.graph_optimization_level = ort.GraphOptimizationLevel(_LEVELS[settings["opt_level"]])
+    if "spinning" in settings:
+        options.add_session_config_entry("session.intra_op.allow_spinning", settings["spinning"])
+    if settings.get("execution_mode") == "parallel":
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        options.inter_op_num_threads = args.threads
+    if profile_dir:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(profile_dir) / "vae")
+    return options
+
+
+def op_times(profile_file: str, skip_runs: int) -> tuple[dict[str, float], dict[str, int], int]:
+    """({op type: microseconds}, {op type: node events}, timed runs) from an ORT profile, skipping the
+    first ``skip_runs`` ``model_run`` windows (the warm-up)."""
+    events = json.loads(Path(profile_file).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[skip_runs:]
+    total: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.defaultdict(int)
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if not any(lo <= e["ts"] <= hi for lo, hi in runs):
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        total[op] += e["dur"]
+        count[op] += 1
+    return total, count, len(runs)
+
+
+def overlap_of(source: str, graph: str, default: int = 11) -> int:
+    """Window overlap (receptive field + 2) from an artifact directory's manifest, else ``default``."""
+    from acestep_trt.runtime.vae import window_overlap
+
+    manifest = Path(source) / "manifest.json"
+    if not manifest.is_file():
+        return default
+    vae = json.loads(manifest.read_text()).get("vae", {})
+    key = "receptive_field_frames" if graph == "vae_decoder" else "encoder_receptive_field_frames"
+    return window_overlap(int(vae[key])) if key in vae else default
+
+
+def timed_call(session, graph: str, feed: dict, settings: dict, overlap: int, hop: int):
+    """A no-argument callable: one graph run, or the runtime's windowed decode/encode with ``workers``."""
+    from acestep_trt.runtime.vae import decode_windowed, encode_windowed
+
+    workers = int(settings.get("workers", 1))
+    (name, value), = feed.items()
+    if workers <= 1 and "window" not in settings:
+        return lambda: session.run(None, feed)
+    window = int(settings.get("window", 256))
+    if graph == "vae_decoder":
+        return lambda: decode_windowed(lambda z: session.run(None, {name: z})[0], value, hop, window, overlap, workers)
+    return lambda: encode_windowed(lambda a: tuple(session.run(None, {name: a})), value, hop, window, overlap, workers)
+
+
+def diffusers_calls(model_dir: str, graph: str, feed: dict, threads: int) -> dict:
+    """{label: callable} for diffusers' AutoencoderOobleck decode/encode in fp32 and bf16 on the CPU."""
+    import torch
+    from diffusers import AutoencoderOobleck
+
+    torch.set_num_threads(threads)
+    value = torch.from_numpy(next(iter(feed.values())))
+    calls = {}
+    for label, dtype in (("diffusers fp32", torch.float32), ("diffusers bf16", torch.bfloat16)):
+        vae = AutoencoderOobleck.from_pretrained(Path(model_dir) / "vae", torch_dtype=dtype).eval()
+
+        def call(vae=vae, dtype=dtype):
+            with torch.no_grad():
+                if graph == "vae_decoder":
+                    return vae.decode(value.to(dtype)).sample.float().numpy()
+                return vae.encode(value.to(dtype)).latent_dist.mean.float().numpy()
+        calls[label] = call
+    return calls
+
+
+def parse_variant(text: str) -> dict:
+    """``opt_level=all,spinning=0,execution_mode=parallel,workers=2,window=256`` -> dict."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("exports", nargs="+", help="artifact directories or .onnx files (several: side by side)")
+    parser.add_argument("--graph", choices=["vae_decoder", "vae_encoder"], default="vae_decoder")
+    parser.add_argument("--duration", type=float, default=10.0, help="clip length in seconds (default 10)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per export (default 3)")
+    parser.add_argument("--hop", type=int, default=1920, help="audio samples per latent frame (default 1920)")
+    parser.add_argument("--rate", type=int, default=48000, help="audio sample rate (default 48000)")
+    parser.add_argument("--variant-options", action="append", default=[],
+                        help="per export, in order: overrides such as opt_level=all,spinning=0,"
+                             "execution_mode=parallel, workers=2 (the runtime's parallel windows), window=256")
+    parser.add_argument("--diffusers", metavar="MODEL_DIR", help="also time diffusers' VAE (fp32, bf16) from MODEL_DIR")
+    parser.add_argument("--no-profile", action="store_true", help="wall times only, no per-operator profile")
+    parser.add_argument("--top", type=int, default=12, help="op types shown per export (default 12)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import onnxruntime as ort
+
+    frames = max(1, round(args.duration * args.rate / args.hop))
+    variants = [parse_variant(v) for v in args.variant_options] + [{}] * len(args.exports)
+    labels = [f"{i}:{e}" + (f" [{args.variant_options[i]}]" if i < len(args.variant_options) else "")
+              for i, e in enumerate(args.exports)]
+    paths = [graph_path(e, args.graph) for e in args.exports]
+    sessions = [ort.InferenceSession(str(p), session_options(ort, args, v, None), providers=["CPUExecutionProvider"])
+                for p, v in zip(paths, variants)]
+    feeds = [make_feed(s, args.graph, frames, args.hop) for s in sessions]
+    calls = {label: timed_call(s, args.graph, f, v, overlap_of(e, args.graph), args.hop)
+             for label, s, f, v, e in zip(labels, sessions, feeds, variants, args.exports)}
+    if args.diffusers:
+        calls.update(diffusers_calls(args.diffusers, args.graph, feeds[0], args.threads))
+    outputs = {label: call() for label, call in calls.items()}  # warm-up, and each side's output
+    walls: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(args.runs):
+        for label, call in calls.items():
+            started = time.perf_counter()
+            call()
+            walls[label].append(time.perf_counter() - started)
+    del sessions
+    print(f"{args.graph}, {args.duration:g} s clip ({frames} latent frames), {args.threads} threads, "
+          f"median of {args.runs} alternating runs:")
+    ref = outputs.get("diffusers fp32")
+    for label, w in walls.items():
+        line = f"  {label}: {statistics.median(w):.3f} s  (runs: {', '.join(f'{x:.3f}' for x in w)})"
+        out = outputs[label]
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        if ref is not None and np.shape(out) == np.shape(ref):
+            err = np.asarray(out, np.float64) - ref
+            snr = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(np.sum(err ** 2), 1e-30))
+            line += f"  max |diff| to diffusers fp32 {np.max(np.abs(err)):.2e}, SNR {snr:.1f} dB"
+        print(line)
+    if args.no_profile:
+        return
+    with tempfile.TemporaryDirectory(prefix="profile-vae-") as work:
+        for label, path, variant, feed in zip(labels, paths, variants, feeds):
+            opts = session_options(ort, args, variant, work)
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            for _ in range(1 + args.runs):
+                session.run(None, feed)
+            total, count, runs = op_times(session.end_profiling(), skip_runs=1)
+            whole = sum(total.values()) or 1.0
+            print(f"\n{label}: per op type, summed over {runs} profiled runs (per run):")
+            print(f"  {'op type':<22}{'ms/run':>9}{'share':>8}{'nodes':>7}{'ms/call':>9}")
+            for op, us in sorted(total.items(), key=lambda kv: -kv[1])[:args.top]:
+                calls = count[op] / runs
+                print(f"  {op:<22}{us / runs / 1e3:9.1f}{100 * us / whole:7.1f}%{calls:7.0f}"
+                      f"{us / count[op] / 1e3:9.2f}")
+            print(f"  {'all nodes':<22}{whole / runs / 1e3:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
