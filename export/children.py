@@ -4,17 +4,19 @@ Each graph is traced in a process of its own, because torch's ONNX exporter keep
 module's parameters after export (see ``exporter._export_group``): only a process exit returns that memory.
 A spawned child imports torch, diffusers, transformers and onnxscript anew each time (seconds per graph,
 most of the tiny export). Instead the children are forked from multiprocessing's *fork server*: one
-process, started on first use, that has imported those libraries (:data:`PRELOAD`) and loads no weights.
-A fork starts in milliseconds, shares the imported code copy-on-write, and its memory still goes back
-to the system when it exits. The fork server exits with this process.
+process that has imported those libraries and warmed torch's exporter up (:data:`PRELOAD`,
+``export/_preload.py``) and loads no weights. A fork starts in milliseconds, shares the imported code
+copy-on-write, and its memory still goes back to the system when it exits. The fork server exits with
+this process. :func:`start` starts it early, so that its imports overlap with the caller's own work.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from acestep_trt.runtime.errors import BackendError
 
@@ -33,23 +35,78 @@ def context():
     return ctx
 
 
+def start() -> None:
+    """Start the fork server now and return at once: it imports :data:`PRELOAD` while the caller goes on."""
+    if context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+def cores() -> int:
+    """CPU cores this process may use (its affinity mask, which a container's cpuset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def run_in_child(what: str, fn: Callable[..., Any], *args) -> Any:
     """``fn(*args)`` in a fresh child process; its result, or its exception re-raised here.
 
     A child that dies (signal, out of memory) is a :class:`BackendError` naming ``what`` it was doing;
     Ctrl-C or SIGTERM here stops the child at once instead of waiting for it to finish.
     """
-    child = ProcessPoolExecutor(max_workers=1, mp_context=context())
+    return next(run_jobs([(what, fn, args)], workers=1))[1]
+
+
+def run_jobs(jobs: list[tuple[str, Callable, tuple]], workers: int,
+             on_start: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:
+    """Run each ``(what, fn, args)`` of ``jobs`` in a fresh child, at most ``workers`` at once, in list order.
+
+    Yields ``(index, result)`` as jobs finish; ``on_start(index)`` is called as each is handed to a child. With one worker the next child starts only when the caller
+    asks for the next result, so whatever the caller does with a result (validation) never overlaps a
+    child; with more, the next child starts first and torch in each child gets ``cores() // workers``
+    threads. An exception in a child, or here (Ctrl-C, SIGTERM), stops every child at once and propagates.
+    """
+    threads = max(1, cores() // workers) if workers > 1 else 0
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context(), max_tasks_per_child=1)
+    pending: dict = {}
+    queue = list(enumerate(jobs))
+
+    def submit_next() -> None:
+        index, (what, fn, args) = queue.pop(0)
+        if on_start is not None:
+            on_start(index)
+        pending[pool.submit(_call, threads, fn, args)] = (index, what)
+
     try:
-        return child.submit(fn, *args).result()
-    except BrokenProcessPool:
-        raise BackendError(f"the process {what} died (killed by a signal or out of memory).",
-                           "free memory (the full-size DiT needs about 7 GiB) and run the export again.") from None
-    except BaseException:  # Ctrl-C or SIGTERM: do not wait for the child to finish
-        _stop_workers(child)
+        while queue or pending:
+            while queue and len(pending) < workers:
+                submit_next()
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: pending[f][0]):
+                index, what = pending.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise BackendError(f"the process {what} died (killed by a signal or out of memory).",
+                                       "free memory (the full-size DiT needs about 7 GiB) and run the export "
+                                       "again.") from None
+                if workers > 1 and queue:  # keep the cores busy while the caller uses this result
+                    submit_next()
+                yield index, result
+    except BaseException:  # a failed job, Ctrl-C or SIGTERM: do not wait for the other children to finish
+        _stop_workers(pool)
         raise
     finally:
-        child.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _call(threads: int, fn: Callable, args: tuple) -> Any:
+    """In the child: ``fn(*args)``, torch limited to ``threads`` (0: its default) when children share the cores."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return fn(*args)
 
 
 def _stop_workers(pool) -> None:

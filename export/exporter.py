@@ -14,6 +14,7 @@ import logging
 import pickle
 import shutil
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,7 @@ from . import precision as prec
 from . import validate as val
 from .checkpoint import (inspect_audio_tokenizer, inspect_checkpoint, load_component, memory_geometry,
                          scheduler_config)
+from . import children
 from .children import run_in_child
 from .quantize import quantize_int8
 
@@ -53,6 +55,10 @@ DIM_MAX = {"batch": 256, "text_len": 4096, "lyric_len": 8192, "timbre_len": 1 <<
 # Graphs traced in one child process (one torch import each); graphs of the same component share a child.
 EXPORT_GROUPS = ((TEXT_ENCODER,), (CONDITION_ENCODER, AUDIO_TOKENIZER, AUDIO_DETOKENIZER), (DIT_STEP,),
                  (VAE_DECODER, VAE_ENCODER))
+# With parallel tracing (:func:`tracing_plan`): one graph per child, longest trace first (tiny checkpoint).
+TRACE_ORDER = (DIT_STEP, VAE_ENCODER, CONDITION_ENCODER, VAE_DECODER, TEXT_ENCODER, AUDIO_TOKENIZER,
+               AUDIO_DETOKENIZER)
+PARALLEL_MAX_BYTES = 1 << 30  # checkpoints with at most this many bytes of weights trace two graphs at once
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 WORK_DIR = ".work"  # reference outputs and constants handed from the tracing child to this process
 
@@ -157,8 +163,7 @@ def trace_to_onnx(adapter, spec: GraphSpec, cfg: ModelConfig, path: Path) -> Non
     """Export ``adapter`` to ``path`` (+ ``path.data``) with every symbolic dim of ``spec`` dynamic."""
     import torch
 
-    for noisy in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)  # torch sets its own levels; quiet the exporter
+    quiet_exporter_logs()
     feeds = _to_torch(val.make_inputs(spec, val.trace_dims(cfg), cfg, seed=1))
     dims: dict[str, object] = {}
     dynamic = tuple(
@@ -181,6 +186,12 @@ def trace_to_onnx(adapter, spec: GraphSpec, cfg: ModelConfig, path: Path) -> Non
     program.save(str(path), external_data=True)
     del program
     name_dims(path, spec)
+
+
+def quiet_exporter_logs() -> None:
+    """torch sets its own log levels; keep its exporter's chatter (e.g. skipped torchvision ops) out."""
+    for noisy in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def name_dims(path: Path, spec: GraphSpec) -> None:
@@ -257,6 +268,7 @@ def export_artifacts(
     from tqdm.auto import tqdm
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    children.start()  # its imports of torch and diffusers overlap with the checks below
     plan = prec.plan(precision, graph_precision)
     cfg = inspect_checkpoint(model_dir)
     _prepare_target(out_dir, overwrite)
@@ -266,14 +278,9 @@ def export_artifacts(
     try:
         specs = export_specs(cfg, model_dir)
         extra: dict = {"audio_tokenizer": inspect_audio_tokenizer(model_dir)}
-        groups = [tuple(n for n in group if n in specs) for group in EXPORT_GROUPS]
-        with tqdm(total=len(groups) + 1, desc="export", unit="graph", disable=not progress) as bar:
-            for names in groups:
-                bar.set_postfix_str("+".join(names))
-                started = time.perf_counter()
-                _export_group(model_dir, staging, names, specs, plan, validate, report, extra, loras or [])
-                report.seconds["+".join(names)] = time.perf_counter() - started
-                bar.update()
+        jobs, workers = tracing_plan(model_dir, specs)
+        with tqdm(total=len(jobs) + 1, desc="export", unit="graph", disable=not progress) as bar:
+            _export_groups(model_dir, staging, jobs, workers, specs, plan, validate, report, extra, loras or [], bar)
             _export_cover_blend(staging, specs[COVER_BLEND], validate, report)
             bar.set_postfix_str("constants")
             _write_side_files(model_dir, staging, extra)
@@ -295,21 +302,56 @@ def _apply_umask(root: Path) -> None:
         path.chmod(art.default_mode(path.is_dir()))
 
 
-def _export_group(model_dir, staging, names, specs, plan, validate, report, extra, loras=()) -> None:
-    """Trace in a child process, then validate here once the child (and the PyTorch weights) are gone.
+def tracing_plan(model_dir: Path, specs: dict) -> tuple[list[tuple[str, ...]], int]:
+    """The graphs each tracing child traces, and how many children run at once.
+
+    Tracing is single-threaded Python (torch.export, decompositions, onnxscript's optimiser), so on two or
+    more cores a checkpoint of at most :data:`PARALLEL_MAX_BYTES` of weights traces one graph per child, two
+    children at once, longest first (:data:`TRACE_ORDER`): each child then peaks at a few hundred MB.
+    Larger checkpoints trace one group of graphs that share a component (:data:`EXPORT_GROUPS`) per
+    child, one child at a time, validating in between: the full-size DiT's child alone peaks near 7 GiB.
+    """
+    weights = sum(p.stat().st_size for p in Path(model_dir).rglob("*.safetensors"))
+    if children.cores() >= 2 and weights <= PARALLEL_MAX_BYTES:
+        return [(name,) for name in TRACE_ORDER if name in specs], 2
+    return [tuple(n for n in group if n in specs) for group in EXPORT_GROUPS], 1
+
+
+def _export_groups(model_dir, staging, jobs, workers, specs, plan, validate, report, extra, loras, bar) -> None:
+    """Trace each job's graphs in a child process (:func:`children.run_jobs`), then validate them here.
 
     torch's ONNX exporter keeps references to the traced module's parameters after export (module-level
     state reached through closures), so tracing in this process would keep every graph's fp32 weights
     alive next to the validation session: 17 GiB peak for the full-size DiT, too much for an XL model
-    on a 24 GB machine. A child per group of graphs that share a component (forked from a server that has
-    imported torch and diffusers: :mod:`acestep_trt.export.children`) returns its memory when it exits.
+    on a 24 GB machine. A child (forked from a server that has imported torch and diffusers:
+    :mod:`acestep_trt.export.children`) returns its memory when it exits. Validation happens here once
+    the child is gone; with one worker the next child starts only after it.
     """
-    log.info("exporting %s", ", ".join(names))
     (staging / WORK_DIR).mkdir(exist_ok=True)
-    dtypes = {name: _graph_dtype(plan, name) for name in names}
-    traced = {name: prec.trace_dtype(dtype) for name, dtype in dtypes.items()}
-    results = run_in_child(f"tracing {', '.join(names)}", _trace_group_in_child, str(model_dir), str(staging),
-                           names, validate, traced, list(loras))
+    dtypes = {name: _graph_dtype(plan, name) for name in specs}
+    work = [(f"tracing {', '.join(names)}", _trace_group_in_child,
+             (str(model_dir), str(staging), names, validate, {n: prec.trace_dtype(dtypes[n]) for n in names},
+              list(loras))) for names in jobs]
+    started: dict[int, float] = {}
+
+    def on_start(index: int) -> None:
+        log.info("exporting %s", ", ".join(jobs[index]))
+        started[index] = time.perf_counter()
+
+    rows: dict[str, list] = {}
+    with closing(children.run_jobs(work, workers, on_start)) as finished:
+        for index, results in finished:
+            bar.set_postfix_str("+".join(jobs[index]))
+            rows.update(_finish_group(staging, jobs[index], results, specs, plan, dtypes, validate, extra))
+            report.seconds["+".join(jobs[index])] = time.perf_counter() - started[index]
+            bar.update()
+    for name in specs:  # the manifest lists comparisons in graph order, whichever child finished first
+        report.comparisons.extend(rows.get(name, []))
+
+
+def _finish_group(staging, names, results, specs, plan, dtypes, validate, extra) -> dict[str, list]:
+    """Quantise (int8), collect the constants of, and validate the graphs one child traced: {graph: rows}."""
+    rows = {}
     for name, result in zip(names, results):
         if dtypes[name] == "int8":  # in a child of its own: quantising holds the fp32 and int8 weights at once
             run_in_child(f"quantising {name}", quantize_int8, staging / f"{name}.onnx", name)
@@ -320,11 +362,11 @@ def _export_group(model_dir, staging, names, specs, plan, validate, report, extr
             with open(result["cases"], "rb") as fh:
                 cases = pickle.load(fh)
             snr = plan.min_snr_db(name) if name in plan.graphs else None
-            rows = validate_graph(cases, specs[name], staging / f"{name}.onnx", dtypes[name], snr)
-            report.comparisons.extend(rows)
-            for row in rows:
+            rows[name] = validate_graph(cases, specs[name], staging / f"{name}.onnx", dtypes[name], snr)
+            for row in rows[name]:
                 log.info("%s", row.row())
-            val.raise_on_failure(rows)
+            val.raise_on_failure(rows[name])
+    return rows
 
 
 def _graph_dtype(plan: prec.PrecisionPlan, name: str) -> str:

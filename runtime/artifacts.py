@@ -129,11 +129,12 @@ class Artifacts:
         return int(self.manifest.get("vae", {}).get("receptive_field_frames", 16))
 
     def load_constants(self) -> dict[str, np.ndarray]:
-        from safetensors.numpy import load_file
+        """Read-only arrays viewing the file; the lyric table read by rows on lookup (``runtime/mapped.py``)."""
+        from .mapped import load_mapped
 
         try:
-            data = load_file(str(self.root / CONSTANTS))
-        except Exception as exc:  # safetensors raises its own error types
+            data = load_mapped(self.root / CONSTANTS, rows=("lyric_embedding",))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ArtifactError(f"{self.root / CONSTANTS} cannot be read ({exc}).", _REEXPORT) from None
         missing = [n for n in CONSTANT_NAMES if n not in data]
         if missing:

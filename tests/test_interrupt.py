@@ -113,7 +113,7 @@ def test_sigkill_during_export_is_recognised_and_cleaned(tiny, tmp_path, monkeyp
     def fail_fast(*args, **kwargs):  # the next export: it cleans up before its first graph
         raise CheckpointError("stop here.", "nothing.")
 
-    monkeypatch.setattr(exporter, "_export_group", fail_fast)
+    monkeypatch.setattr(exporter, "_export_groups", fail_fast)
     with pytest.raises(CheckpointError):
         exporter.export_artifacts(tiny.checkpoint, out, progress=False)
     assert _leftovers(tmp_path, "out") == []  # the killed export's staging, lock file and its own: all gone
