@@ -76,3 +76,23 @@ def test_bench_repaint_times_the_vae_encode(tiny, tmp_path):
     assert "audio_encode_s" in report["speedup"]["fp32"]
     assert report["audio"]["fp32"]["max_abs_diff"] < 1e-4  # same noise, posterior mean on both sides
     assert "VAE encode of the source" in result.output
+
+
+def test_parallel_vae_windows_are_timed_by_the_wall_clock(tiny):
+    """The CPU VAE decodes several windows at once: the decode stage is the runtime's wall time of the stage,
+    not the sum of the overlapping window runs (which would exceed it)."""
+    from acestep_trt.export.bench import OursSide
+    from acestep_trt.runtime.specs import VAE_DECODER
+
+    side = OursSide(tiny.artifacts, "ort", "cpu")
+    side.rt.vae_workers[VAE_DECODER] = 2
+    runs, timed = [], side.rt.runners[VAE_DECODER].run
+
+    def counting(feeds):
+        runs.append(feeds["latents"].shape[-1])
+        return timed(feeds)
+
+    side.rt.runners[VAE_DECODER].run = counting
+    side("piano", "", 6.0, None, 1, 3.0)  # 150 latent frames: two windows at once
+    assert len(runs) >= 2
+    assert len(side.timer.stages["decode"]) == 1  # one wall-clock figure for the stage
