@@ -118,7 +118,9 @@ def test_memory_estimate_counts_the_vae_encoder(runtime, monkeypatch):
     # with memory for a 10 s text2music call only, a 10 s repaint (its source encode) is refused before any
     # work, and the text2music call passes
     monkeypatch.setattr(runtime, "_memory_proven", None, raising=False)
-    text_only = lim.estimate_memory(cfg, geo, 1, cfg.latent_length(10), False, runtime.vae_window, 18, 2305)
+    text_only = lim.estimate_memory(cfg, geo, 1, cfg.latent_length(10), False, runtime.vae_window,
+                                    runtime.artifacts.vae_receptive_field + 2, 2305,
+                                    vae_workers=runtime.vae_workers["vae_decoder"])
     monkeypatch.setattr(lim, "available_host_bytes", lambda: int(text_only.host * 1.2))
     calls = []
 
