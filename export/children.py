@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Iterable
 
 from acestep_trt.runtime.errors import BackendError
 
@@ -35,12 +38,40 @@ def context():
     return ctx
 
 
+# Signals held back while this process talks to the fork server (see :func:`signals_held`).
+HELD_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+@contextmanager
+def signals_held(signals: Iterable[int] = HELD_SIGNALS):
+    """Hold Ctrl-C, SIGTERM and SIGHUP back until the block ends, then deliver the first one that came.
+
+    Starting a child means connecting to the fork server and then sending it the request; an exception raised
+    by a signal between the two makes the fork server die with a traceback on the terminal. The block is
+    short (milliseconds), so the interruption is only delayed, never lost. (Handlers can only be set in the
+    main thread; elsewhere nothing is held: Python runs signal handlers in the main thread only.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])  # now, with the handler that was in place (raise, or die)
+
+
 def start() -> None:
     """Start the fork server now and return at once: it imports :data:`PRELOAD` while the caller goes on."""
     if context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
-        forkserver.ensure_running()
+        with signals_held():
+            forkserver.ensure_running()
 
 
 def cores() -> int:
@@ -67,7 +98,8 @@ def run_jobs(jobs: list[tuple[str, Callable, tuple]], workers: int,
     threads. An exception in a child, or here (Ctrl-C, SIGTERM), stops every child at once and propagates.
     """
     threads = max(1, cores() // workers) if workers > 1 else 0
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context(), max_tasks_per_child=1)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context(), max_tasks_per_child=1,
+                               initializer=_child_ignores_ctrl_c)
     pending: dict = {}
     queue = list(enumerate(jobs))
 
@@ -75,7 +107,8 @@ def run_jobs(jobs: list[tuple[str, Callable, tuple]], workers: int,
         index, (what, fn, args) = queue.pop(0)
         if on_start is not None:
             on_start(index)
-        pending[pool.submit(_call, threads, fn, args)] = (index, what)
+        with signals_held():  # submit starts the child: connect to the fork server, then send the request
+            pending[pool.submit(_call, threads, fn, args)] = (index, what)
 
     try:
         while queue or pending:
@@ -94,10 +127,36 @@ def run_jobs(jobs: list[tuple[str, Callable, tuple]], workers: int,
                     submit_next()
                 yield index, result
     except BaseException:  # a failed job, Ctrl-C or SIGTERM: do not wait for the other children to finish
-        _stop_workers(pool)
+        previous_hook = threading.excepthook
+        threading.excepthook = _quiet_pool_threads(pool, previous_hook)
+        try:
+            _stop_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            threading.excepthook = previous_hook
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _quiet_pool_threads(pool, previous):
+    """A ``threading.excepthook`` that drops errors of ``pool``'s manager thread (and passes others on).
+
+    While its workers are being killed on purpose, the pool's manager thread can fail reading from them; that
+    error is the expected consequence of stopping, and printing its traceback would only alarm the user.
+    """
+    def hook(args):
+        if args.thread is not None and args.thread is getattr(pool, "_executor_manager_thread", None):
+            return
+        previous(args)
+
+    return hook
+
+
+def _child_ignores_ctrl_c() -> None:
+    """In each child: ignore SIGINT. Ctrl-C reaches the whole process group; the parent then stops its children
+    itself (SIGTERM), so a child's own KeyboardInterrupt would only print a second traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _call(threads: int, fn: Callable, args: tuple) -> Any:
