@@ -41,7 +41,7 @@ STAGES = ("audio_encode", "encode", "dit_step", "decode")
 TASKS = ("text2music", "repaint")
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
@@ -55,20 +55,20 @@ class PeakSampler:
         self._stop = threading.Event()
 
     def __enter__(self):
-        self.base = _rss_bytes()
+        self.base = rss_bytes()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes() - self.base)
+            self.peak = max(self.peak, rss_bytes() - self.base)
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes() - self.base)
+        self.peak = max(self.peak, rss_bytes() - self.base)
 
 
 @dataclass
@@ -157,9 +157,9 @@ class OursSide:
     def __init__(self, artifacts: Path, backend: str, device: str):
         from acestep_trt.runtime import AceStepRuntime
 
-        started, rss = time.perf_counter(), _rss_bytes()
+        started, rss = time.perf_counter(), rss_bytes()
         self.rt = AceStepRuntime.load(artifacts, backend=backend, device=device)
-        self.load_seconds, self.load_rss = time.perf_counter() - started, _rss_bytes() - rss
+        self.load_seconds, self.load_rss = time.perf_counter() - started, rss_bytes() - rss
         self.precision = self.rt.artifacts.manifest.get("precision", {"recipe": "fp32"})
         self.timer = _StageTimer()
         for name, runner in self.rt.runners.items():
@@ -201,11 +201,11 @@ class DiffusersSide:
         _quiet_libraries()
         self.torch = torch
         self.device = device
-        started, rss = time.perf_counter(), _rss_bytes()
+        started, rss = time.perf_counter(), rss_bytes()
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         self.pipe = AceStepPipeline.from_pretrained(model_dir, torch_dtype=torch_dtype).to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.load_seconds, self.load_rss = time.perf_counter() - started, _rss_bytes() - rss
+        self.load_seconds, self.load_rss = time.perf_counter() - started, rss_bytes() - rss
         sync = torch.cuda.synchronize if device == "cuda" else None
         self.timer = _StageTimer(sync)
         self._hook(self.pipe.text_encoder, "encode")

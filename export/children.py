@@ -135,8 +135,7 @@ def run_jobs(jobs: list[tuple[str, Callable, tuple]], workers: int,
         finally:
             threading.excepthook = previous_hook
         raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _quiet_pool_threads(pool, previous):

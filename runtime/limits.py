@@ -277,20 +277,28 @@ def vae_encoder_level_elements(geometry: Geometry, samples: int) -> int:
     return largest
 
 
+def windows_in_flight(frames: int, vae_window: int, overlap: int, workers: int = 1) -> tuple[int, int]:
+    """(latent frames decoded or encoded at once, number of windows) for a clip of ``frames``, windowed as
+    :func:`acestep_trt.runtime.vae.window_cores` splits it: the whole clip when it is one window, else the
+    ``workers`` windows in flight, each core with its overlaps."""
+    from .vae import window_cores
+
+    cores = window_cores(frames, vae_window, overlap, workers)
+    if len(cores) == 1:
+        return frames, 1
+    return sum(min(frames, end - start + 2 * overlap) for start, end in cores[:max(1, workers)]), len(cores)
+
+
 def encoder_memory(config, geometry: Geometry, samples: int, vae_window: int, overlap: int,
                    workers: int = 1) -> tuple[int, int, int]:
     """(encoder bytes, source bytes, windows) for VAE-encoding one clip of ``samples`` (batch 1), windowed as
     :func:`acestep_trt.runtime.vae.encode_windowed` does (:func:`~acestep_trt.runtime.vae.window_cores`):
     the audio of the windows in flight at once, each core with its overlaps."""
-    from .vae import window_cores
-
     if samples <= 0:
         return 0, 0, 0
     frames = samples // config.hop_length
-    cores = window_cores(frames, vae_window, overlap, workers)
-    windows = len(cores)
-    window = samples if windows == 1 else config.hop_length * sum(
-        min(frames, end - start + 2 * overlap) for start, end in cores[:max(1, workers)])
+    in_flight, windows = windows_in_flight(frames, vae_window, overlap, workers)
+    window = samples if windows == 1 else config.hop_length * in_flight
     level = vae_encoder_level_elements(geometry, window) * FLOAT_BYTES
     encoder = int(level * (ENCODER_WINDOW_COPIES + ENCODER_GROWTH_PER_WINDOW * min(windows - 1, VAE_GROWTH_WINDOWS)))
     source = int(SOURCE_COPIES * config.audio_channels * samples * FLOAT_BYTES + config.audio_channels * window
@@ -318,15 +326,7 @@ def estimate_memory(config, geometry: Geometry, batch: int, frames: int, guided:
     scores = dit_batch * heads * tokens * max(tokens, cond_len) * FLOAT_BYTES
     hidden = dit_batch * tokens * (config.dit_hidden + geometry.dit_intermediate) * FLOAT_BYTES
     dit = int(DIT_SCORE_COPIES * scores + DIT_ACTIVATION_COPIES * hidden)
-    whole = frames <= vae_window + 2 * vae_overlap  # decode_windowed decodes short clips in one go
-    window = frames if whole else vae_window + 2 * vae_overlap
-    windows = 1 if whole else -(-frames // vae_window)
-    if vae_workers > 1:  # parallel windows on the CPU (runtime/vae.py): ``vae_workers`` windows in flight at once
-        from .vae import window_cores
-
-        cores = window_cores(frames, vae_window, vae_overlap, vae_workers)
-        windows = len(cores)
-        window = sum(min(frames, end - start + 2 * vae_overlap) for start, end in cores[:vae_workers])
+    window, windows = windows_in_flight(frames, vae_window, vae_overlap, vae_workers)
     level = batch * vae_level_elements(geometry, window, config.latent_channels) * FLOAT_BYTES
     vae = int(level * (VAE_WINDOW_COPIES + VAE_GROWTH_PER_WINDOW * min(windows - 1, VAE_GROWTH_WINDOWS)))
     audio = int(AUDIO_COPIES * batch * config.audio_channels * frames * config.hop_length * FLOAT_BYTES)

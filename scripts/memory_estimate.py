@@ -14,22 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _case(artifacts: str, duration: float, batch: int, guidance: float, task: str) -> dict:
-    import threading
     import time
 
+    from acestep_trt.export.bench import PeakSampler  # torch-free: RSS sampled in a thread
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime import limits as lim
 
@@ -45,29 +39,17 @@ def _case(artifacts: str, duration: float, batch: int, guidance: float, task: st
         rt.config, lim.Geometry.from_manifest(rt.artifacts.manifest), batch, rt.config.latent_length(duration),
         guided, rt.vae_window, rt.artifacts.vae_receptive_field + 2, 256 + 2048 + 1, encode_samples=samples,
         encoder_overlap=rt.artifacts.vae_encoder_receptive_field + 2)
-    base = _rss()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    started = time.perf_counter()
-    rt(prompt=["a piano"] * batch, audio_duration=duration, num_inference_steps=1, guidance_scale=guidance, seed=0,
-       show_progress=False, **extra)
-    seconds = time.perf_counter() - started
-    done.set()
-    thread.join()
+    with PeakSampler(interval=0.002) as sampler:
+        started = time.perf_counter()
+        rt(prompt=["a piano"] * batch, audio_duration=duration, num_inference_steps=1, guidance_scale=guidance,
+           seed=0, show_progress=False, **extra)
+        seconds = time.perf_counter() - started
     return {"task": task, "duration": duration, "batch": batch, "guided": guided, "seconds": round(seconds, 2),
-            "measured_mib": round((peak[0] - base) / 2**20, 1), "estimate_mib": round(estimate.host / 2**20, 1),
+            "measured_mib": round(sampler.peak / 2**20, 1), "estimate_mib": round(estimate.host / 2**20, 1),
             "dit_mib": round(estimate.dit / 2**20, 1), "vae_mib": round(estimate.vae / 2**20, 1),
             "audio_mib": round((estimate.audio + estimate.source) / 2**20, 1),
             "encoder_mib": round(estimate.encoder / 2**20, 1),
-            "ratio": round((peak[0] - base) / estimate.host, 3)}
+            "ratio": round(sampler.peak / estimate.host, 3)}
 
 
 def main() -> None:

@@ -14,16 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import threading
 import time
 
 MIB = 1 << 20
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _patch_options(config: list[str], no_arena: bool) -> None:
@@ -56,6 +49,7 @@ def main() -> None:
     import numpy as np
     import onnxruntime  # noqa: F401  (its import is part of the baseline)
 
+    from acestep_trt.export.bench import PeakSampler, rss_bytes as _rss  # torch-free
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.backends import ort as ort_backend
 
@@ -82,26 +76,16 @@ def main() -> None:
     rt = AceStepRuntime.load(args.artifacts)
     out["load_seconds"] = time.perf_counter() - started
     out["loaded"] = _rss() / MIB
-    peak, stop = [_rss()], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     kwargs = dict(prompt="upbeat synth-pop", lyrics="[verse]\nHello there", audio_duration=args.duration, seed=1,
                   show_progress=None)
-    audio = rt(**kwargs).audios
-    seconds = []
-    for _ in range(args.runs):
-        started = time.perf_counter()
-        rt(**kwargs)
-        seconds.append(time.perf_counter() - started)
-    stop.set()
-    thread.join()
-    out.update(peak=peak[0] / MIB, after_run=_rss() / MIB, run_seconds=float(np.median(seconds)) if seconds else None,
+    with PeakSampler(interval=0.002) as sampler:
+        audio = rt(**kwargs).audios
+        seconds = []
+        for _ in range(args.runs):
+            started = time.perf_counter()
+            rt(**kwargs)
+            seconds.append(time.perf_counter() - started)
+    out.update(peak=(sampler.base + sampler.peak) / MIB, after_run=_rss() / MIB, run_seconds=float(np.median(seconds)) if seconds else None,
                audio_sha=__import__("hashlib").sha256(np.ascontiguousarray(audio).tobytes()).hexdigest()[:16])
     print(json.dumps({k: (round(v, 1) if isinstance(v, float) else
                           {n: round(x, 1) for n, x in v.items()} if isinstance(v, dict) else v)
