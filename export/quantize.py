@@ -51,6 +51,15 @@ def excluded_nodes(model, graph: str) -> list[str]:
     return out
 
 
+class _NoPreprocessHint(logging.Filter):
+    """Drops ``quantize_dynamic``'s root-logger advice to run its pre-processing first (symbolic shape
+    inference and ONNX Runtime's graph optimisations saved into the file). It does not apply here: ONNX
+    Runtime optimises the quantised graph when it loads it, and the recipe is validated as written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
 def quantize_int8(path: Path, graph: str) -> dict:
     """Rewrite the fp32 graph at ``path`` (and its ``.data`` file) in place as its int8 recipe.
 
@@ -63,13 +72,18 @@ def quantize_int8(path: Path, graph: str) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     keep = excluded_nodes(model, graph)
     del model
+    hint = _NoPreprocessHint()
     with tempfile.TemporaryDirectory(prefix=f".{path.stem}.int8-", dir=path.parent) as work:
         target = Path(work) / path.name
-        quantize_dynamic(
-            path, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=keep, use_external_data_format=True,
-            extra_options={"MatMulConstBOnly": True},
-        )
+        logging.getLogger().addFilter(hint)
+        try:
+            quantize_dynamic(
+                path, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                nodes_to_exclude=keep, use_external_data_format=True,
+                extra_options={"MatMulConstBOnly": True},
+            )
+        finally:
+            logging.getLogger().removeFilter(hint)
         quantized = sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
                         for n in onnx.load(str(target), load_external_data=False).graph.node)
         data = path.with_name(path.name + ".data")

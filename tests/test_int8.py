@@ -135,3 +135,23 @@ def test_lora_at_generate_time_is_refused_on_int8(int8):
     assert "parameters" not in manifest["graphs"]["dit_step"]
     with pytest.raises(InputError, match="--precision int8 --lora PATH"):
         parameter_map(manifest)
+
+
+def test_quantiser_advice_stays_out_of_the_log(tiny, tmp_path, caplog):
+    """quantize_dynamic logs advice to pre-process on the root logger; the export drops that one record (the
+    recipe is validated as written), and the root logger keeps no filter of ours afterwards."""
+    import logging
+    import shutil
+
+    from acestep_trt.export.quantize import quantize_int8
+
+    for suffix in ("", ".data"):
+        source = tiny.artifacts / f"text_encoder.onnx{suffix}"
+        if source.exists():
+            shutil.copy(source, tmp_path / source.name)
+    filters = list(logging.getLogger().filters)
+    with caplog.at_level(logging.WARNING):
+        result = quantize_int8(tmp_path / "text_encoder.onnx", "text_encoder")
+    assert result["quantized"] > 0
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()], caplog.text
+    assert logging.getLogger().filters == filters
