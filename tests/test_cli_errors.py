@@ -217,3 +217,21 @@ def test_real_process_exit_code_and_stderr(tiny, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
     assert not out.exists()
+
+
+def test_demo_runs_end_to_end_and_keeps_an_existing_out_dir(tmp_path):
+    """The README's first command: tiny checkpoint -> export -> a clip, each stage timed; a second run into the
+    same directory without --overwrite is refused and leaves the first run's files as they were."""
+    import soundfile as sf
+
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--out-dir", out, "--duration", "2")
+    assert result.exit_code == 0, result.output
+    audio, rate = sf.read(out / "demo.wav", always_2d=True)
+    assert rate == 48000 and audio.shape == (96000, 2) and np.abs(audio).max() > 0
+    for stage in ("build tiny checkpoint", "export + validate", "generate (load + run)", "total"):
+        assert stage in result.output, result.output
+    assert (out / "artifacts" / "manifest.json").is_file()
+    before = (out / "demo.wav").read_bytes()
+    assert_refused(run_cli("demo", "--out-dir", out, "--duration", "2"), 2, "already exists", "--overwrite")
+    assert (out / "demo.wav").read_bytes() == before
