@@ -17,10 +17,14 @@ Session options are ONNX Runtime's defaults with ``--threads`` intra-op threads;
 (pass the same directory twice). ``workers=N`` in a variant times the decode as the runtime does on the CPU
 (``runtime/vae.py``: N windows at once, each a single-threaded run; ``window=`` its ``vae_window``), and
 ``--diffusers MODEL_DIR`` adds diffusers' own ``AutoencoderOobleck`` in fp32 and bf16 (torch, ``--threads``
-threads) to the alternation, with each side's audio difference to diffusers fp32:
+threads) to the alternation, with each side's audio difference to diffusers fp32 (without it, to the first
+export), and ``--openvino`` OpenVINO's CPU plugin on the first export's file at f32 and bf16 precision
+(``pip install openvino``; not a dependency):
 
     .venv/bin/python scripts/profile_vae.py OLD_ART NEW_ART --variant-options workers=1 \
         --variant-options workers=2 --diffusers MODEL_DIR --duration 10 --runs 5
+    .venv/bin/python scripts/profile_vae.py ART ART --variant-options workers=1 --variant-options workers=2 \
+        --openvino --duration 10 --runs 5 --no-profile
 """
 
 from __future__ import annotations
@@ -145,6 +149,28 @@ def diffusers_calls(model_dir: str, graph: str, feed: dict, threads: int) -> dic
     return calls
 
 
+def openvino_calls(path: Path, graph: str, feed: dict, threads: int) -> dict:
+    """{label: callable} for OpenVINO's CPU plugin on the same ONNX file, at f32 and at bf16 inference precision
+    (bf16 needs AVX512_BF16 or AMX; elsewhere OpenVINO runs f32 and says so in its capabilities)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        sys.exit("error: --openvino needs OpenVINO, which is not a dependency of this toolkit. "
+                 "Fix: .venv/bin/python -m pip install openvino")
+    core = ov.Core()
+    log.info("OpenVINO %s, CPU capabilities %s", ov.__version__, core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    model = core.read_model(str(path))
+    (_, value), = feed.items()
+    model.reshape({model.inputs[0].get_any_name(): list(value.shape)})
+    calls = {}
+    for precision in ("f32", "bf16"):
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                     "INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+        calls[f"openvino {precision}"] = lambda request=request: request.infer({0: value})[0].copy()
+    return calls
+
+
 def parse_variant(text: str) -> dict:
     """``opt_level=all,spinning=0,execution_mode=parallel,workers=2,window=256`` -> dict."""
     out = {}
@@ -167,6 +193,9 @@ def main() -> None:
                         help="per export, in order: overrides such as opt_level=all,spinning=0,"
                              "execution_mode=parallel, workers=2 (the runtime's parallel windows), window=256")
     parser.add_argument("--diffusers", metavar="MODEL_DIR", help="also time diffusers' VAE (fp32, bf16) from MODEL_DIR")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also time OpenVINO's CPU plugin (f32, bf16) on the first export's graph "
+                             "(needs `pip install openvino`)")
     parser.add_argument("--no-profile", action="store_true", help="wall times only, no per-operator profile")
     parser.add_argument("--top", type=int, default=12, help="op types shown per export (default 12)")
     args = parser.parse_args()
@@ -185,6 +214,8 @@ def main() -> None:
              for label, s, f, v, e in zip(labels, sessions, feeds, variants, args.exports)}
     if args.diffusers:
         calls.update(diffusers_calls(args.diffusers, args.graph, feeds[0], args.threads))
+    if args.openvino:
+        calls.update(openvino_calls(paths[0], args.graph, feeds[0], args.threads))
     outputs = {label: call() for label, call in calls.items()}  # warm-up, and each side's output
     walls: dict[str, list[float]] = {label: [] for label in calls}
     for _ in range(args.runs):
@@ -195,15 +226,17 @@ def main() -> None:
     del sessions
     print(f"{args.graph}, {args.duration:g} s clip ({frames} latent frames), {args.threads} threads, "
           f"median of {args.runs} alternating runs:")
-    ref = outputs.get("diffusers fp32")
+    ref_label = "diffusers fp32" if "diffusers fp32" in outputs else labels[0]
+    ref = outputs[ref_label]
+    ref = np.asarray(ref[0] if isinstance(ref, (list, tuple)) else ref, np.float64)
     for label, w in walls.items():
         line = f"  {label}: {statistics.median(w):.3f} s  (runs: {', '.join(f'{x:.3f}' for x in w)})"
         out = outputs[label]
         out = out[0] if isinstance(out, (list, tuple)) else out
-        if ref is not None and np.shape(out) == np.shape(ref):
+        if label != ref_label and np.shape(out) == np.shape(ref):
             err = np.asarray(out, np.float64) - ref
-            snr = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(np.sum(err ** 2), 1e-30))
-            line += f"  max |diff| to diffusers fp32 {np.max(np.abs(err)):.2e}, SNR {snr:.1f} dB"
+            snr = 10 * np.log10(np.sum(ref ** 2) / max(np.sum(err ** 2), 1e-30))
+            line += f"  max |diff| to {ref_label} {np.max(np.abs(err)):.2e}, SNR {snr:.1f} dB"
         print(line)
     if args.no_profile:
         return
