@@ -40,6 +40,7 @@ from acestep_trt.runtime.specs import (
 )
 
 from . import precision as prec
+from . import graph_rewrites
 from . import validate as val
 from .checkpoint import (inspect_audio_tokenizer, inspect_checkpoint, load_component, memory_geometry,
                          scheduler_config)
@@ -183,6 +184,7 @@ def trace_to_onnx(adapter, spec: GraphSpec, cfg: ModelConfig, path: Path) -> Non
             optimize=True,
             verbose=False,
         )
+    graph_rewrites.apply(program.model)  # RMSNorms in the form ONNX Runtime fuses (export/graph_rewrites.py)
     program.save(str(path), external_data=True)
     del program
     name_dims(path, spec)
