@@ -430,11 +430,19 @@ def _run_separate(keys, model_dir, artifacts, cfg, progress):
 
     from tqdm.auto import tqdm
 
+    from .children import stop_workers
+
     results, audio, peaks = {}, {}, {}
     for key in tqdm(keys, desc="bench (one process per side)", unit="side", disable=not progress):
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        child = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        try:
             results[key], audio[key], peaks[key] = child.submit(
                 _side_in_child, key, str(model_dir), str(artifacts), cfg).result()
+        except BaseException:  # Ctrl-C, SIGTERM: stop the side now instead of waiting for its runs to end
+            stop_workers(child)
+            child.shutdown(wait=True, cancel_futures=True)
+            raise
+        child.shutdown(wait=True)
     return results, audio, peaks
 
 

@@ -130,7 +130,7 @@ def run_jobs(jobs: list[tuple[str, Callable, tuple]], workers: int,
         previous_hook = threading.excepthook
         threading.excepthook = _quiet_pool_threads(pool, previous_hook)
         try:
-            _stop_workers(pool)
+            stop_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
         finally:
             threading.excepthook = previous_hook
@@ -167,7 +167,7 @@ def _call(threads: int, fn: Callable, args: tuple) -> Any:
     return fn(*args)
 
 
-def _stop_workers(pool) -> None:
+def stop_workers(pool) -> None:
     """Terminate a ProcessPoolExecutor's workers now (``terminate_workers`` exists from Python 3.14 on)."""
     stop = getattr(pool, "terminate_workers", None)
     if stop is not None:

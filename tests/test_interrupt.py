@@ -155,6 +155,51 @@ def test_sigterm_during_generate_leaves_no_file(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` now (Linux: /proc/PID/task/TID/children)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                kids = [int(c) for c in Path(f"/proc/{current}/task/{task}/children").read_text().split()]
+            except OSError:
+                kids = []
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_during_a_separate_process_bench_stops_its_side_at_once(tiny, tmp_path):
+    """SIGTERM while a side runs in its own process: the bench stops now (it used to wait for the side to
+    finish all its runs) and leaves no process behind."""
+    proc = _start(CLI + ["bench", tiny.checkpoint, tiny.artifacts, "--separate-processes", "--runs", "100000",
+                         "--diffusers-dtype", "fp32", "--duration", "1"])
+    deadline = time.monotonic() + 60
+    while not _descendants(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
+        time.sleep(0.05)
+    side = _descendants(proc.pid)
+    time.sleep(4)  # the side has loaded and is in its runs
+    started = time.monotonic()
+    _terminate(proc)
+    assert time.monotonic() - started < 20
+    time.sleep(0.5)
+    assert not [pid for pid in side if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
+
+
 def test_two_generates_to_one_file(tiny, tmp_path):
     import soundfile as sf
 
