@@ -180,17 +180,25 @@ def test_sigterm_during_a_separate_process_bench_stops_its_side_at_once(tiny, tm
     finish all its runs) and leaves no process behind."""
     proc = _start(CLI + ["bench", tiny.checkpoint, tiny.artifacts, "--separate-processes", "--runs", "100000",
                          "--diffusers-dtype", "fp32", "--duration", "1"])
-    deadline = time.monotonic() + 60
-    while not _descendants(proc.pid):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
-        time.sleep(0.05)
-    side = _descendants(proc.pid)
-    time.sleep(4)  # the side has loaded and is in its runs
-    started = time.monotonic()
-    _terminate(proc)
-    assert time.monotonic() - started < 20
-    time.sleep(0.5)
-    assert not [pid for pid in side if _alive(pid)]
+    side: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not _descendants(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
+            time.sleep(0.05)
+        side = _descendants(proc.pid)
+        time.sleep(4)  # the side has loaded and is in its runs
+        started = time.monotonic()
+        _terminate(proc)
+        assert time.monotonic() - started < 20
+        time.sleep(0.5)
+        assert not [pid for pid in side if _alive(pid)]
+    finally:  # a failure must not leave the bench running its 100000 runs
+        for pid in [*_descendants(proc.pid), *side, proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _alive(pid: int) -> bool:
