@@ -71,11 +71,26 @@ def _initializer_bytes(model, onnx_path: Path):
                 view = memoryview(maps[location])[offset:offset + length]
                 yield init, view, location, offset, length
                 view.release()  # the consumer dropped its arrays over it; the map can close at the end
+                _drop_pages(maps[location], offset, length)
             elif init.raw_data:
                 yield init, memoryview(init.raw_data), None, None, len(init.raw_data)
     finally:
         for handle in maps.values():
             handle.close()
+
+
+def _drop_pages(handle: mmap.mmap, offset: int, length: int) -> None:
+    """Unmap the pages of one compared initializer from this process (they stay in the page cache).
+
+    Comparing every weight reads the whole data file through the map (6 GB for the full-size DiT); without
+    this, all of it would stay resident in the tracing child beside the module's own weights, doubling its
+    peak RSS (12.35 GiB measured at full size, against 6.6 GiB for the trace itself).
+    """
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or length <= 0:
+        return
+    start = offset - offset % mmap.PAGESIZE
+    handle.madvise(advice, start, min(offset + length, len(handle)) - start)
 
 
 _PREFIX = 64  # elements of a tensor's first stored row used as a lookup key before the exact comparison

@@ -7,8 +7,11 @@
 export's tracing children are children of its fork server, which is never waited for, so their memory does
 not show there. This samples the whole process tree every ``--interval`` seconds instead and reports, at
 the end, the peak of the tree's summed proportional set size (PSS: pages shared between processes, such
-as the libraries a forked child shares with the fork server, counted once in all) and the peak resident
-set of its largest single process, with the name of that process. The command's exit code is passed on.
+as the libraries a forked child shares with the fork server, counted once in all), the peak of its summed
+anonymous resident memory (``RssAnon``: what the processes allocated, as opposed to file pages mapped from
+disk, such as a memory-mapped checkpoint, which the kernel can drop under pressure and read again) and the
+peak resident set of its largest single process, with the name of that process. The command's exit code is
+passed on.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class TreeSampler(threading.Thread):
     def __init__(self, root: int, interval: float):
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
-        self.peak_pss = self.peak_rss = 0
+        self.peak_pss = self.peak_rss = self.peak_anon = self.peak_rss_anon = 0
         self.peak_rss_name = ""
         self.done = threading.Event()
 
@@ -76,10 +79,12 @@ class TreeSampler(threading.Thread):
             pids = tree(self.root)
             pss = sum(_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) * 1024
             self.peak_pss = max(self.peak_pss, pss)
+            anon = {p: _kib(f"/proc/{p}/status", "RssAnon:") * 1024 for p in pids}
+            self.peak_anon = max(self.peak_anon, sum(anon.values()))
             for pid in pids:
                 rss = _kib(f"/proc/{pid}/status", "VmRSS:") * 1024
                 if rss > self.peak_rss:
-                    self.peak_rss, self.peak_rss_name = rss, _name(pid)
+                    self.peak_rss, self.peak_rss_anon, self.peak_rss_name = rss, anon[pid], _name(pid)
             self.done.wait(self.interval)
 
 
@@ -98,9 +103,10 @@ def main() -> None:
     code = process.wait()
     sampler.done.set()
     sampler.join()
-    print(f"peak memory of the process tree: PSS {sampler.peak_pss / GIB:.2f} GiB (summed over its processes); "
-          f"largest single process RSS {sampler.peak_rss / GIB:.2f} GiB ({sampler.peak_rss_name}); "
-          f"wall {time.perf_counter() - started:.1f} s; exit code {code}", file=sys.stderr)
+    print(f"peak memory of the process tree: PSS {sampler.peak_pss / GIB:.2f} GiB, anonymous "
+          f"{sampler.peak_anon / GIB:.2f} GiB (each summed over its processes); largest single process RSS "
+          f"{sampler.peak_rss / GIB:.2f} GiB, {sampler.peak_rss_anon / GIB:.2f} GiB of it anonymous "
+          f"({sampler.peak_rss_name}); wall {time.perf_counter() - started:.1f} s; exit code {code}", file=sys.stderr)
     sys.exit(code)
 
 
