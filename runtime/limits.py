@@ -21,6 +21,7 @@ Everything here raises :class:`InputError` (CLI exit code 2) with the remedy in 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -233,10 +234,12 @@ class MemoryEstimate:
     detail: dict = field(default_factory=dict)
     encoder: int = 0  # VAE encoder of source / reference audio (0 for text2music)
     source: int = 0  # the input audio's host copies
+    weights: int = 0  # graphs this call opens first (the audio tokenizer pair: backends/ort.py, DeferredGraph)
 
     @property
     def host(self) -> int:
-        return BASE_BYTES + self.audio + self.source + (0 if self.on_device else self.dit + self.vae + self.encoder)
+        return (BASE_BYTES + self.audio + self.source + self.weights
+                + (0 if self.on_device else self.dit + self.vae + self.encoder))
 
     @property
     def device(self) -> int:
@@ -418,11 +421,13 @@ def check_memory(estimate: MemoryEstimate, batch: int, duration: float, vae_wind
 
 
 def check_call(runtime, batch: int, duration: float, guided: bool, max_text_length: int = 256,
-               max_lyric_length: int = 2048, encode_samples: int = 0) -> MemoryEstimate | None:
+               max_lyric_length: int = 2048, encode_samples: int = 0, open_bytes: int = 0) -> MemoryEstimate | None:
     """What :class:`AceStepRuntime.__call__` checks before its first graph call, after the arguments
     (``check_arguments``: duration and steps limits; :func:`check_texts`): batch, duration and peak memory
     under ``runtime.limits``. Returns the memory estimate (None when ``check_memory`` is off).
     ``encode_samples``: the longest clip the call VAE-encodes (source or reference audio), 0 for none.
+    ``open_bytes``: weights of graphs the call opens first (their sessions are created at first use; counted
+    on the host, where ONNX Runtime reads them).
 
     An estimate no larger than one this runtime already passed is not checked again: ONNX Runtime's arena
     keeps that memory for reuse, so it no longer shows as available.
@@ -443,6 +448,7 @@ def check_call(runtime, batch: int, duration: float, guided: bool, max_text_leng
         encode_samples=encode_samples,
         encoder_overlap=window_overlap(getattr(runtime.artifacts, "vae_encoder_receptive_field", 0) or 0),
         encoder_workers=getattr(runtime, "vae_workers", {}).get("vae_encoder", 1))
+    estimate = dataclasses.replace(estimate, weights=int(open_bytes))
     proven = getattr(runtime, "_memory_proven", None)
     if proven is not None and estimate.host <= proven.host and estimate.device <= proven.device:
         return estimate

@@ -10,6 +10,7 @@ in :mod:`acestep_trt.runtime.tasks`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -28,7 +29,8 @@ from .errors import InputError
 from .failures import guard_call, guard_runners
 from .lora import lora_scale
 from .prompt import TEXT2MUSIC_INSTRUCTION, format_prompt
-from .specs import COVER_BLEND, CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
+from .specs import (AUDIO_DETOKENIZER, AUDIO_TOKENIZER, COVER_BLEND, CONDITION_ENCODER, DIT_STEP, GRAPH_NAMES,
+                    TEXT_ENCODER, VAE_DECODER, VAE_ENCODER)
 from .tokenizer import TextTokenizer
 from .trt.profiles import call_dims
 from .vae import DEFAULT_VAE_WINDOW, cpu_workers, decode_windowed, encode_windowed, normalize_peak, window_overlap
@@ -112,6 +114,17 @@ def check_arguments(duration, steps=8, shift=3.0, guidance=1.0, task_type="text2
                              "pass a decreasing schedule such as [1.0, 0.75, 0.5, 0.25].")
 
 
+# ONNX Runtime graphs opened at their first use (backends/ort.py, DeferredGraph): only cover of source audio
+# and audio codes run them, and they hold 0.8 GiB at full size
+DEFERRED_GRAPHS = (AUDIO_TOKENIZER, AUDIO_DETOKENIZER)
+
+
+def _file_bytes(onnx_path: Path) -> int:
+    """Bytes of a graph file and its external data file: what opening its session loads."""
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    return onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
 def _graph_threads(name: str, device: str, threads: int | None) -> int | None:
     """ONNX Runtime intra-op threads for ``name``: one for the VAE graphs on the CPU, which run that many
     windows at once instead (runtime/vae.py ``cpu_workers``), ``threads`` (None: ONNX Runtime's default) else."""
@@ -161,7 +174,7 @@ class AceStepRuntime:
         ``threads``: ONNX Runtime intra-op threads per graph (default: its own); on the CPU the VAE graphs
         instead run that many windows at once (default: the cores this process may use), each single-threaded.
         """
-        from .backends.ort import OrtGraph, check_device
+        from .backends.ort import DeferredGraph, OrtGraph, check_device
 
         kind = resolve_backend(backend, device, artifacts_dir, engine_dir)
         if kind == "ort":
@@ -183,9 +196,11 @@ class AceStepRuntime:
         for name in artifacts.audio_graphs:  # ONNX Runtime unless an engine runs it (older engine dirs: logged)
             if name in runners:
                 continue
-            runners[name] = OrtGraph(artifacts.graph_path(name), artifacts.audio_specs[name], audio_device,
-                                     _graph_threads(name, audio_device, threads), artifacts.precision(name),
-                                     emulate_precision)
+            path, spec = artifacts.graph_path(name), artifacts.audio_specs[name]
+            open_graph = functools.partial(OrtGraph, path, spec, audio_device, _graph_threads(name, audio_device, threads),
+                                           artifacts.precision(name), emulate_precision)
+            runners[name] = (DeferredGraph(spec, open_graph, artifacts.check_unchanged, _file_bytes(path))
+                             if name in DEFERRED_GRAPHS else open_graph())
         runtime = cls(artifacts, runners, kind, device, int(vae_window), device_loop, limits)
         for name, where in ((VAE_DECODER, device if kind == "ort" else "gpu"), (VAE_ENCODER, audio_device)):
             if where == "cpu":
@@ -446,7 +461,8 @@ class AceStepRuntime:
                         max_lyric_length, instruction)
         lim.check_call(self, batch, audio_duration, guidance_scale > 1.0 and not self.config.is_turbo,
                        max_text_length, max_lyric_length,  # batch, duration and peak memory before any work
-                       task_lib.encoded_samples(task, self.sample_rate))
+                       task_lib.encoded_samples(task, self.sample_rate),
+                       sum(getattr(self.runners[name], "pending_bytes", 0) for name in task_lib.tokenizer_graphs(task)))
         scale = lora_scale(attention_kwargs)  # the LoRA scale of this call (diffusers' apply_lora_scale)
         noise, seeds = self._initial_latents(latents, seed, batch, frames)  # refuse bad latents before any work
         guided = guidance_scale > 1.0 and not self.config.is_turbo

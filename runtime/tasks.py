@@ -281,6 +281,16 @@ class TaskInputs:
         return self.task_type == "cover" and self.cover_strength < 1.0
 
 
+def tokenizer_graphs(task: TaskInputs) -> tuple[str, ...]:
+    """The audio tokenizer graphs ``task`` runs: the detokenizer for audio codes, both for a cover of source
+    audio (:func:`source_latents`), none otherwise."""
+    if task.codes is not None:
+        return (AUDIO_DETOKENIZER,)
+    if task.src is not None and task.task_type == "cover":
+        return (AUDIO_TOKENIZER, AUDIO_DETOKENIZER)
+    return ()
+
+
 def require_graphs(artifacts, names: tuple[str, ...], why: str) -> None:
     """Refuse a task whose graphs this artifact directory lacks, naming them."""
     missing = [n for n in names if not artifacts.has_graph(n)]

@@ -82,3 +82,58 @@ def test_small_checkpoints_trace_one_graph_per_child_two_at_once(tiny, monkeypat
     jobs, workers = exporter.tracing_plan(tiny.checkpoint, specs)
     assert workers == 1 and ("vae_decoder", "vae_encoder") in jobs
     assert sorted(n for job in jobs for n in job) == sorted(n for n in specs if n != "cover_blend")
+
+
+def _fresh(tiny, tmp_path, copy: bool = False):
+    import shutil
+
+    from acestep_trt.runtime import AceStepRuntime
+
+    root = tiny.artifacts
+    if copy:
+        root = tmp_path / "artifacts"
+        shutil.copytree(tiny.artifacts, root)
+    return AceStepRuntime.load(root, backend="ort", device="cpu"), root
+
+
+CODES = "".join(f"<|audio_code_{c}|>" for c in (5, 17, 300, 9, 123))
+
+
+def test_tokenizer_pair_is_opened_at_first_use(tiny, tmp_path, monkeypatch):
+    """text2music never opens the audio tokenizer pair (0.8 GiB at full size); a call with audio codes opens
+    the detokenizer and counts its weights in the memory check first; the next call counts nothing."""
+    from acestep_trt.runtime import limits
+    from acestep_trt.runtime.backends.ort import DeferredGraph
+    from acestep_trt.runtime.specs import AUDIO_DETOKENIZER, AUDIO_TOKENIZER
+
+    rt, root = _fresh(tiny, tmp_path)
+    pair = {name: rt.runners[name].wrapped for name in (AUDIO_TOKENIZER, AUDIO_DETOKENIZER)}
+    assert all(isinstance(g, DeferredGraph) and not g.loaded for g in pair.values())
+    seen = []
+    monkeypatch.setattr(limits, "check_memory", lambda estimate, *a: seen.append(estimate))
+    rt(prompt="piano", audio_duration=1.0, seed=0, show_progress=None)
+    assert not any(g.loaded for g in pair.values())
+    assert seen[-1].weights == 0
+    detok = root / "audio_detokenizer.onnx"
+    size = detok.stat().st_size + detok.with_name(detok.name + ".data").stat().st_size
+    rt._memory_proven = None
+    first = rt(prompt="piano", audio_codes=CODES, seed=0, show_progress=None)
+    assert seen[-1].weights == size and pair[AUDIO_DETOKENIZER].loaded and not pair[AUDIO_TOKENIZER].loaded
+    rt._memory_proven = None
+    again = rt(prompt="piano", audio_codes=CODES, seed=0, show_progress=None)
+    assert seen[-1].weights == 0
+    np.testing.assert_array_equal(first.audios, again.audios)
+
+
+def test_a_graph_opened_late_refuses_a_replaced_directory(tiny, tmp_path):
+    """The pair is opened after load: if the export was replaced meanwhile, the call is refused (it would mix
+    graphs of two exports) with the remedy, instead of opening the new file."""
+    import os
+    import shutil
+
+    rt, root = _fresh(tiny, tmp_path, copy=True)
+    path = root / "audio_detokenizer.onnx"
+    shutil.copy2(path, path.with_suffix(".new"))
+    os.replace(path.with_suffix(".new"), path)  # same bytes, another file: what a re-export leaves
+    with pytest.raises(ArtifactError, match="replaced"):
+        rt(prompt="piano", audio_codes=CODES, seed=0, show_progress=None)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -82,6 +84,54 @@ def _check_precision(name: str, precision: str, device: str, emulate: bool) -> b
             "precision; slower than fp32).",
         )
     return True
+
+
+class DeferredGraph:
+    """A graph whose session is created at its first use, for graphs only some tasks run (the audio tokenizer
+    pair: cover of source audio, audio codes), so that a process that never runs them never holds their
+    weights (0.8 GiB at full size).
+
+    ``create()`` opens the session; ``check()`` runs first and refuses if the artifact directory was replaced
+    since the runtime verified it (the other graphs are of the verified export). ``pending_bytes`` is what the
+    first use will load (its files' size), for the memory check; 0 once loaded. Anything but ``run`` and
+    ``close`` opens the session and reads the attribute from it.
+    """
+
+    check_dims = None  # fixed-shape limits are TensorRT engines' (AceStepRuntime._check_engine_limits)
+
+    def __init__(self, spec: GraphSpec, create: Callable[[], "OrtGraph"], check: Callable[[], None], nbytes: int):
+        self.spec, self.name = spec, spec.name
+        self._create, self._check, self._nbytes = create, check, int(nbytes)
+        self._graph: OrtGraph | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._graph is not None
+
+    @property
+    def pending_bytes(self) -> int:
+        return 0 if self.loaded else self._nbytes
+
+    def _open(self) -> "OrtGraph":
+        with self._lock:  # two threads' first runs open one session
+            if self._graph is None:
+                self._check()
+                self._graph = self._create()
+            return self._graph
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._open().run(feeds)
+
+    def close(self) -> None:
+        close = getattr(self._graph, "close", None)
+        if close is not None:
+            close()
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._open(), name)
 
 
 class OrtGraph:
