@@ -71,6 +71,22 @@ class PeakSampler:
         self.peak = max(self.peak, rss_bytes() - self.base)
 
 
+def alternate(calls: dict, runs: int) -> tuple[dict, dict[str, list[float]]]:
+    """Run every callable of ``calls`` ({label: no-argument callable}) once (warm-up; its output kept), then
+    ``runs`` rounds of all of them in turn, so that drift in machine load hits each alike.
+
+    Returns ({label: warm-up output}, {label: [wall seconds per timed run]}). Used by the measurement scripts.
+    """
+    outputs = {label: call() for label, call in calls.items()}
+    walls: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(runs):
+        for label, call in calls.items():
+            started = time.perf_counter()
+            call()
+            walls[label].append(time.perf_counter() - started)
+    return outputs, walls
+
+
 @dataclass
 class RunRecord:
     total: float

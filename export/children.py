@@ -92,8 +92,8 @@ def run_jobs(jobs: list[tuple[str, Callable, tuple]], workers: int,
              on_start: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:
     """Run each ``(what, fn, args)`` of ``jobs`` in a fresh child, at most ``workers`` at once, in list order.
 
-    Yields ``(index, result)`` as jobs finish; ``on_start(index)`` is called as each is handed to a child. With one worker the next child starts only when the caller
-    asks for the next result, so whatever the caller does with a result (validation) never overlaps a
+    Yields ``(index, result)`` as jobs finish; ``on_start(index)`` is called as each is handed to a child.
+    With one worker the next child starts only when the caller asks for the next result, so whatever the caller does with a result (validation) never overlaps a
     child; with more, the next child starts first and torch in each child gets ``cores() // workers``
     threads. An exception in a child, or here (Ctrl-C, SIGTERM), stops every child at once and propagates.
     """

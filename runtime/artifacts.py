@@ -88,6 +88,11 @@ class Artifacts:
     def graph_path(self, name: str) -> Path:
         return self.root / self.manifest["graphs"][name]["onnx"]
 
+    def graph_bytes(self, name: str) -> int:
+        """Bytes of ``name``'s graph file and its external data (the verified manifest records)."""
+        onnx = self.manifest["graphs"][name]["onnx"]
+        return sum(r["bytes"] for r in self.manifest["files"] if _is_graph_file(r["path"], [onnx]))
+
     def precision(self, name: str) -> str:
         """The dtype ``name`` was exported in (``fp32``, ``bf16`` or ``fp16``; see ``export --precision``)."""
         return self.manifest["graphs"][name].get("precision", "fp32")

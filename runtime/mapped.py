@@ -25,8 +25,15 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.in
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the header size
 
 
-def _read_header(path: Path) -> tuple[dict, int, int]:
-    """(header, byte offset of the data, file size); ``ValueError`` if ``path`` is not valid safetensors."""
+def _layout(info: dict) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(little-endian dtype, shape, byte offset from the data start) of one header entry."""
+    dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+    return dtype, tuple(int(d) for d in info["shape"]), int(info["data_offsets"][0])
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """({name: header entry} without ``__metadata__``, byte offset of the data); ``ValueError`` if ``path`` is
+    not valid safetensors."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         prefix = fh.read(8)
@@ -35,39 +42,38 @@ def _read_header(path: Path) -> tuple[dict, int, int]:
         (length,) = struct.unpack("<Q", prefix)
         if length > min(_MAX_HEADER, size - 8):
             raise ValueError(f"header length {length} does not fit the file")
-        header = json.loads(fh.read(length))
+        header = {k: v for k, v in json.loads(fh.read(length)).items() if k != "__metadata__"}
     start = 8 + length
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = np.dtype(_DTYPES[info["dtype"]])
-        count = int(np.prod([int(d) for d in info["shape"]], dtype=np.int64))
-        begin, end = (int(x) for x in info["data_offsets"])
+        dtype, shape, begin = _layout(info)
+        end = int(info["data_offsets"][1])
+        count = int(np.prod(shape, dtype=np.int64))
         if not 0 <= begin <= end <= size - start or end - begin != count * dtype.itemsize:
             raise ValueError(f"{name}: data offsets {begin}..{end} do not match shape {info['shape']} "
                              f"{info['dtype']}")
-    return header, start, size
+    return header, start
 
 
 def load_mapped(path: str | Path, rows: tuple[str, ...] = ()) -> dict:
     """{name: read-only array viewing one read-only mapping of ``path``}; the 2-D tensors named in ``rows``
     come as :class:`RowFile` instead. ``ValueError``/``KeyError`` if the file is not valid safetensors."""
     path = Path(path)
-    header, start, _ = _read_header(path)
+    header, start = _read_header(path)
     with open(path, "rb") as fh:
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid after the file is closed
     arrays: dict = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
+        dtype, shape, offset = _layout(info)
         if name in rows:
-            arrays[name] = load_rows(path, name)
-            continue
-        dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-        shape = tuple(int(d) for d in info["shape"])
-        count = int(np.prod(shape, dtype=np.int64))
-        arrays[name] = np.frombuffer(mapped, dtype, count, start + int(info["data_offsets"][0])).reshape(shape)
+            if len(shape) != 2:
+                raise ValueError(f"{name} has shape {shape}, not [rows, width]")
+            arrays[name] = RowFile(os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), start + offset,
+                                   shape, dtype)
+        else:
+            count = int(np.prod(shape, dtype=np.int64))
+            arrays[name] = np.frombuffer(mapped, dtype, count, start + offset).reshape(shape)
     return arrays
+
 
 class RowFile:
     """A ``[rows, width]`` table of a safetensors file, read row by row on lookup (``os.pread``), never mapped.
@@ -112,15 +118,3 @@ class RowFile:
             os.close(self._fd)
         except (OSError, AttributeError, TypeError):
             pass
-
-
-def load_rows(path: str | Path, name: str) -> RowFile:
-    """:class:`RowFile` for the 2-D tensor ``name`` of the safetensors file ``path``."""
-    header, start, _ = _read_header(Path(path))
-    info = header[name]
-    dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-    shape = tuple(int(d) for d in info["shape"])
-    if len(shape) != 2:
-        raise ValueError(f"{name} has shape {shape}, not [rows, width]")
-    return RowFile(os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), start + int(info["data_offsets"][0]),
-                   shape, dtype)

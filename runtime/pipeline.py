@@ -119,12 +119,6 @@ def check_arguments(duration, steps=8, shift=3.0, guidance=1.0, task_type="text2
 DEFERRED_GRAPHS = (AUDIO_TOKENIZER, AUDIO_DETOKENIZER)
 
 
-def _file_bytes(onnx_path: Path) -> int:
-    """Bytes of a graph file and its external data file: what opening its session loads."""
-    data = onnx_path.with_name(onnx_path.name + ".data")
-    return onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
 def _graph_threads(name: str, device: str, threads: int | None) -> int | None:
     """ONNX Runtime intra-op threads for ``name``: one for the VAE graphs on the CPU, which run that many
     windows at once instead (runtime/vae.py ``cpu_workers``), ``threads`` (None: ONNX Runtime's default) else."""
@@ -197,9 +191,11 @@ class AceStepRuntime:
             if name in runners:
                 continue
             path, spec = artifacts.graph_path(name), artifacts.audio_specs[name]
-            open_graph = functools.partial(OrtGraph, path, spec, audio_device, _graph_threads(name, audio_device, threads),
-                                           artifacts.precision(name), emulate_precision)
-            runners[name] = (DeferredGraph(spec, open_graph, artifacts.check_unchanged, _file_bytes(path))
+            open_graph = functools.partial(OrtGraph, path, spec, audio_device,
+                                           _graph_threads(name, audio_device, threads), artifacts.precision(name),
+                                           emulate_precision)
+            runners[name] = (DeferredGraph(spec, open_graph, artifacts.check_unchanged,
+                                           artifacts.graph_bytes(name))
                              if name in DEFERRED_GRAPHS else open_graph())
         runtime = cls(artifacts, runners, kind, device, int(vae_window), device_loop, limits)
         for name, where in ((VAE_DECODER, device if kind == "ort" else "gpu"), (VAE_ENCODER, audio_device)):
@@ -461,8 +457,8 @@ class AceStepRuntime:
                         max_lyric_length, instruction)
         lim.check_call(self, batch, audio_duration, guidance_scale > 1.0 and not self.config.is_turbo,
                        max_text_length, max_lyric_length,  # batch, duration and peak memory before any work
-                       task_lib.encoded_samples(task, self.sample_rate),
-                       sum(getattr(self.runners[name], "pending_bytes", 0) for name in task_lib.tokenizer_graphs(task)))
+                       task_lib.encoded_samples(task, self.sample_rate),  # + weights of graphs opened at first use:
+                       sum(getattr(self.runners[n], "pending_bytes", 0) for n in task_lib.tokenizer_graphs(task)))
         scale = lora_scale(attention_kwargs)  # the LoRA scale of this call (diffusers' apply_lora_scale)
         noise, seeds = self._initial_latents(latents, seed, batch, frames)  # refuse bad latents before any work
         guided = guidance_scale > 1.0 and not self.config.is_turbo

@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-
-import numpy as np
 
 
 def parse_dims(text: str) -> dict[str, int]:
@@ -31,11 +28,6 @@ def parse_dims(text: str) -> dict[str, int]:
         key, _, value = item.partition("=")
         out[key.strip()] = int(value)
     return out
-
-
-def snr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    ref, err = np.asarray(ref, np.float64), np.asarray(out, np.float64) - ref
-    return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum(err ** 2), 1e-30)))
 
 
 def ort_call(path: str, feeds: dict, threads: int):
@@ -73,9 +65,11 @@ def main() -> None:
     except ImportError:
         sys.exit("error: OpenVINO is not installed (it is not a dependency of this toolkit). "
                  "Fix: .venv/bin/python -m pip install openvino")
+    from acestep_trt.export.bench import alternate
     from acestep_trt.export.checkpoint import inspect_checkpoint
     from acestep_trt.export.exporter import export_specs
     from acestep_trt.export.validate import make_inputs
+    from acestep_trt.runtime.precision import snr_db
 
     cfg = inspect_checkpoint(args.model_dir)
     spec = export_specs(cfg, args.model_dir)[args.graph]
@@ -88,19 +82,13 @@ def main() -> None:
         calls[f"{i}:{art} onnxruntime"] = ort_call(path, feeds, args.threads)
         for precision in ("f32", "bf16"):
             calls[f"{i}:{art} openvino {precision}"] = openvino_call(core, path, feeds, args.threads, precision)
-    outputs = {label: call() for label, call in calls.items()}  # warm-up
+    outputs, walls = alternate(calls, args.runs)
     ref = next(iter(outputs.values()))
-    walls: dict[str, list[float]] = {label: [] for label in calls}
-    for _ in range(args.runs):
-        for label, call in calls.items():
-            started = time.perf_counter()
-            call()
-            walls[label].append(time.perf_counter() - started)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
     print(f"{args.graph} ({shapes}), {args.threads} threads, median of {args.runs} alternating runs; "
           f"SNR of the first output against the first line's:")
     for label, w in walls.items():
-        print(f"  {label}: {statistics.median(w) * 1e3:8.1f} ms  SNR {snr_db(ref, outputs[label]):6.1f} dB")
+        print(f"  {label}: {statistics.median(w) * 1e3:8.1f} ms  SNR {snr_db(outputs[label], ref):6.1f} dB")
 
 
 if __name__ == "__main__":

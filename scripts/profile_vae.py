@@ -36,7 +36,6 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +201,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import onnxruntime as ort
 
+    from acestep_trt.export.bench import alternate
+    from acestep_trt.runtime.precision import snr_db
+
     frames = max(1, round(args.duration * args.rate / args.hop))
     variants = [parse_variant(v) for v in args.variant_options] + [{}] * len(args.exports)
     labels = [f"{i}:{e}" + (f" [{args.variant_options[i]}]" if i < len(args.variant_options) else "")
@@ -216,13 +218,7 @@ def main() -> None:
         calls.update(diffusers_calls(args.diffusers, args.graph, feeds[0], args.threads))
     if args.openvino:
         calls.update(openvino_calls(paths[0], args.graph, feeds[0], args.threads))
-    outputs = {label: call() for label, call in calls.items()}  # warm-up, and each side's output
-    walls: dict[str, list[float]] = {label: [] for label in calls}
-    for _ in range(args.runs):
-        for label, call in calls.items():
-            started = time.perf_counter()
-            call()
-            walls[label].append(time.perf_counter() - started)
+    outputs, walls = alternate(calls, args.runs)  # warm-up (each side's output), then alternating runs
     del sessions
     print(f"{args.graph}, {args.duration:g} s clip ({frames} latent frames), {args.threads} threads, "
           f"median of {args.runs} alternating runs:")
@@ -234,9 +230,8 @@ def main() -> None:
         out = outputs[label]
         out = out[0] if isinstance(out, (list, tuple)) else out
         if label != ref_label and np.shape(out) == np.shape(ref):
-            err = np.asarray(out, np.float64) - ref
-            snr = 10 * np.log10(np.sum(ref ** 2) / max(np.sum(err ** 2), 1e-30))
-            line += f"  max |diff| to {ref_label} {np.max(np.abs(err)):.2e}, SNR {snr:.1f} dB"
+            err = np.max(np.abs(np.asarray(out, np.float64) - ref))
+            line += f"  max |diff| to {ref_label} {err:.2e}, SNR {snr_db(out, ref):.1f} dB"
         print(line)
     if args.no_profile:
         return

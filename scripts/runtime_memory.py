@@ -13,6 +13,7 @@ what a setting saves; the default is what the runtime does. Prints one JSON obje
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 
@@ -85,8 +86,9 @@ def main() -> None:
             started = time.perf_counter()
             rt(**kwargs)
             seconds.append(time.perf_counter() - started)
-    out.update(peak=(sampler.base + sampler.peak) / MIB, after_run=_rss() / MIB, run_seconds=float(np.median(seconds)) if seconds else None,
-               audio_sha=__import__("hashlib").sha256(np.ascontiguousarray(audio).tobytes()).hexdigest()[:16])
+    out.update(peak=(sampler.base + sampler.peak) / MIB, after_run=_rss() / MIB,
+               run_seconds=float(np.median(seconds)) if seconds else None,
+               audio_sha=hashlib.sha256(np.ascontiguousarray(audio).tobytes()).hexdigest()[:16])
     print(json.dumps({k: (round(v, 1) if isinstance(v, float) else
                           {n: round(x, 1) for n, x in v.items()} if isinstance(v, dict) else v)
                       for k, v in out.items()}, indent=1))

@@ -94,10 +94,10 @@ def _graph_max_batch(artifacts: Artifacts, graph: str, max_batch: int, engine_ba
     return batch if engine_batch is None else min(batch, engine_batch)
 
 
-def _write_graph_model(artifacts: Artifacts, graph: str, root: Path, options: RepositoryOptions) -> dict:
-    """One graph model directory; returns its manifest record."""
+def _write_graph_model(artifacts: Artifacts, graph: str, root: Path, options: RepositoryOptions,
+                       built: dict[str, int]) -> dict:
+    """One graph model directory; returns its manifest record. ``built``: graph -> max batch of its engine."""
     spec = artifacts.spec(graph)
-    built = engine_batches(options.engines) if options.engines is not None else {}
     engine = graph in built  # audio graphs of an engine directory built before they had engines: ONNX
     platform = tc.PLAN_PLATFORM if engine else tc.ONNX_PLATFORM
     leaf = tc.LeafOptions(platform, options.max_batch, options.instances)
@@ -171,7 +171,8 @@ def write_repository(artifacts_dir: str | Path, repository: str | Path,
     with stg.TargetLock(repository, "writing"):  # a second writer of the same repository is refused
         staging = _prepare_target(repository, overwrite)
         try:
-            models = {g: _write_graph_model(artifacts, g, staging, options) for g in served_graphs(artifacts)}
+            built = engine_batches(options.engines) if options.engines is not None else {}
+            models = {g: _write_graph_model(artifacts, g, staging, options, built) for g in served_graphs(artifacts)}
             _write_orchestrator(artifacts, staging, options)
             _write_manifest(staging, artifacts, options, models)
             stg.publish(staging, repository)

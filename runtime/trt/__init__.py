@@ -1,4 +1,5 @@
-"""TensorRT engines for the graphs (the four core ones and the audio-to-audio ones): optimisation profiles, the engine manifest and the builder.
+"""TensorRT engines for the graphs (the four core ones and the audio-to-audio ones): optimisation profiles,
+the engine manifest and the builder.
 
 Nothing here imports ``tensorrt`` at module import time: the library is imported when a build or a
 load starts, so that the runtime works (on ONNX Runtime) where TensorRT is not installed.

@@ -38,6 +38,7 @@ ENGINE_MIN_SNR_DB = {"fp32": 60.0, "tf32": 40.0, **MIN_SNR_DB}
 # kernels in another summation order move a value across a bin edge about once in 1e5 random codes (estimate:
 # ~1e-6 relative error over bins ~0.3 wide), so 1% leaves room while still catching a wrong engine.
 MAX_CODE_MISMATCH = 0.01
+_GRAPHS = (*GRAPH_NAMES, *AUDIO_GRAPH_NAMES)  # graphs --validate-tolerance may name
 
 
 def parse_tolerances(values: tuple[str, ...] | list[str]) -> dict[str, float]:
@@ -52,10 +53,9 @@ def parse_tolerances(values: tuple[str, ...] | list[str]) -> dict[str, float]:
             db = float(number)
         except ValueError:
             db = float("nan")
-        if db != db or (graph and graph not in (*GRAPH_NAMES, *AUDIO_GRAPH_NAMES)):
+        if db != db or (graph and graph not in _GRAPHS):
             raise InputError(f"--validate-tolerance {value!r} is not DB or GRAPH=DB.",
-                             "pass a minimum SNR in dB, e.g. 35 or dit_step=35 (graphs: "
-                             f"{', '.join((*GRAPH_NAMES, *AUDIO_GRAPH_NAMES))}).")
+                             f"pass a minimum SNR in dB, e.g. 35 or dit_step=35 (graphs: {', '.join(_GRAPHS)}).")
         out[graph or "*"] = db
     return out
 
