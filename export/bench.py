@@ -501,6 +501,23 @@ def _report(cfg: BenchConfig, results: dict[str, SideResult], audio: dict, preci
     return report
 
 
+# CPU features that decide which kernels ONNX Runtime (MLAS int8: VNNI, AMX-INT8) and torch (oneDNN bf16:
+# AVX-512 BF16, AMX-BF16) pick, so that a figure says what it was measured with (README, Performance).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+
+
+def cpu_info(cpuinfo: str) -> dict:
+    """``/proc/cpuinfo``'s text -> {"cpu": model name, "cpu_flags": the :data:`CPU_FLAGS` it has} (first CPU)."""
+    fields = {}
+    for line in cpuinfo.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    info = {"cpu_flags": [flag for flag in CPU_FLAGS if flag in set(fields.get("flags", "").split())]}
+    if fields.get("model name"):
+        info["cpu"] = fields["model name"]
+    return info
+
+
 def hardware() -> dict:
     import os
     import platform
@@ -509,8 +526,8 @@ def hardware() -> dict:
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
     try:
         with open("/proc/cpuinfo") as fh:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
+            info.update(cpu_info(fh.read()))
+    except OSError:
         pass
     try:
         import torch

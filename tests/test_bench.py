@@ -35,6 +35,7 @@ def test_bench_reports_every_side(tiny, tmp_path):
     assert 5.0 < report["audio"]["bf16"]["snr_db"] < 80.0  # diffusers in bf16 is close, not equal
     assert report["precision"]["recipe"] == "fp32"
     assert "diffusers bf16" in output and "ratio" in output
+    assert "cpu_flags" in output  # the kernels a figure was measured with
 
 
 def test_bench_in_separate_processes(tiny, tmp_path):
@@ -96,3 +97,16 @@ def test_parallel_vae_windows_are_timed_by_the_wall_clock(tiny):
     side("piano", "", 6.0, None, 1, 3.0)  # 150 latent frames: two windows at once
     assert len(runs) >= 2
     assert len(side.timer.stages["decode"]) == 1  # one wall-clock figure for the stage
+
+
+def test_hardware_names_the_cpu_features_that_pick_kernels():
+    """The report names the CPU and which of the int8/bf16 kernel features it has (AMX decides torch's bf16)."""
+    from acestep_trt.export.bench import CPU_FLAGS, cpu_info, hardware
+
+    text = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 avx512f amx_bf16 "
+            "amx_int8 avx512_vnni\n\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    assert cpu_info(text) == {"cpu": "Intel(R) Xeon(R) Processor",
+                              "cpu_flags": ["avx2", "avx512f", "avx512_vnni", "amx_bf16", "amx_int8"]}
+    assert cpu_info("flags\t: sse2\n") == {"cpu_flags": []}
+    info = hardware()
+    assert info["cores"] >= 1 and set(info.get("cpu_flags", [])) <= set(CPU_FLAGS)

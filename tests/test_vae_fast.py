@@ -121,3 +121,126 @@ def test_cpu_runtime_runs_vae_windows_in_parallel(tiny):
     rt = AceStepRuntime.load(tiny.artifacts, threads=2)
     assert rt.vae_workers == {VAE_DECODER: 2, VAE_ENCODER: 2}
     assert rt.runners[VAE_DECODER]._threads == 1 and rt.runners["dit_step"]._threads == 2
+
+
+# --------------------------------------------------------------------------- Snakes in NumPy (ort_snake.py)
+
+
+def _whole_and_split(model, name):
+    from acestep_trt.runtime.artifacts import load_artifacts
+    from acestep_trt.runtime.backends.ort import OrtGraph
+    from acestep_trt.runtime.backends.ort_snake import SnakeSplitGraph
+
+    artifacts = load_artifacts(model.artifacts)
+    spec = {**artifacts.specs, **artifacts.audio_specs}[name]
+    path = artifacts.graph_path(name)
+    return OrtGraph(path, spec, "cpu", 1), SnakeSplitGraph.open(path, spec, 1)
+
+
+def test_snake_kernel_matches_the_graph_formula_in_place_and_with_a_residual():
+    from acestep_trt.runtime.backends.ort_snake import SNAKE_CHUNK, snake
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 3, SNAKE_CHUNK + 77)) * 3).astype(np.float32)  # rows longer than a chunk
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    alpha, inv_beta = (rng.random(3) * 4).astype(np.float32), rng.random(3).astype(np.float32)
+
+    def reference(y):
+        s = np.sin(alpha[None, :, None] * y)
+        return y + inv_beta[None, :, None] * (s * s)
+
+    scratch = np.empty(SNAKE_CHUNK, np.float32)
+    out = np.empty_like(x)
+    snake(x, alpha, inv_beta, out, scratch)
+    np.testing.assert_array_equal(out, reference(x))
+    inplace = x.copy()
+    snake(inplace, alpha, inv_beta, inplace, scratch)
+    np.testing.assert_array_equal(inplace, out)
+    a, res, summed = x.copy(), r.copy(), np.empty_like(x)
+    snake(a, alpha, inv_beta, res, scratch, residual=res, summed=a)  # both outputs over the inputs
+    np.testing.assert_array_equal(a, x + r)
+    np.testing.assert_array_equal(res, reference(x + r))
+
+
+@pytest.mark.parametrize("name", [VAE_DECODER, VAE_ENCODER])
+def test_split_graph_equals_the_whole_graph(tiny, name):
+    """Every Snake leaves ONNX Runtime; the audio (latents) equal the whole graph's up to sin's last bits, at
+    odd lengths and batch 2, call after call (recycled buffers), and from two threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from acestep_trt.runtime.backends.ort_snake import Add, Piece, Snake
+
+    whole, split = _whole_and_split(tiny, name)
+    graph = onnx.load(str(tiny.artifacts / f"{name}.onnx"), load_external_data=False).graph
+    snakes = [s for s in split._steps if isinstance(s, Snake)]
+    assert len(snakes) == [n.op_type for n in graph.node].count("Sin") > 0
+    assert sum(s.residual is not None for s in snakes) > 0  # residual adds folded into the next Snake
+    pieces = [s for s in split._steps if isinstance(s, Piece)]
+    ops = {op for piece in pieces for op in piece.ops}
+    assert "Conv" in ops and "Sin" not in ops, ops
+    constants = {t.name for t in graph.initializer}
+    residuals = [n for n in graph.node if n.op_type == "Add" and not set(n.input) & constants
+                 and n.output[0] not in {s.y for s in snakes}]  # adds of two activations, not a Snake's own
+    assert len(residuals) == sum(isinstance(s, Add) for s in split._steps) + sum(
+        s.residual is not None for s in snakes) > 0  # every add of two activations is NumPy's
+    assert all(isinstance(s, (Snake, Add, Piece)) for s in split._steps)
+    key, shape = ("latents", (2, 64, 13)) if name == VAE_DECODER else ("audio", (2, 2, 13 * 1920 + 301))
+    feeds = [{key: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)} for seed in (0, 1)]
+    expected = [whole.run(f) for f in feeds]
+    first = split.run(feeds[0])
+    for _ in range(2):  # first call: ONNX Runtime allocates; then buffers are bound and recycled
+        for feed, want in zip(feeds, expected):
+            got = split.run(feed)
+            for out, value in want.items():
+                np.testing.assert_allclose(got[out], value, rtol=0, atol=2e-6 * np.max(np.abs(value)) + 1e-7)
+    for out, value in expected[0].items():  # a returned array is never a recycled buffer of a later call
+        np.testing.assert_allclose(first[out], value, rtol=0, atol=2e-6 * np.max(np.abs(value)) + 1e-7)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(split.run, feeds * 2))
+    for result, want in zip(got, expected * 2):
+        for out, value in want.items():
+            np.testing.assert_allclose(result[out], value, rtol=0, atol=2e-6 * np.max(np.abs(value)) + 1e-7)
+
+
+def test_graph_without_folded_snakes_runs_whole(tmp_path):
+    """A Sin that is not a folded Snake (here: its square feeds two nodes) stays in ONNX Runtime; a graph with
+    none is not split at all."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from acestep_trt.runtime.backends.ort_snake import SnakeSplitGraph, find_snakes
+    from acestep_trt.runtime.specs import GraphSpec, TensorSpec, Tolerance
+
+    alpha = numpy_helper.from_array(np.ones((1, 4, 1), np.float32), "alpha")
+    beta = numpy_helper.from_array(np.ones((1, 4, 1), np.float32), "inv_beta")
+    nodes = [helper.make_node("Mul", ["alpha", "x"], ["ax"]), helper.make_node("Sin", ["ax"], ["s"]),
+             helper.make_node("Mul", ["s", "s"], ["s2"]), helper.make_node("Mul", ["inv_beta", "s2"], ["b"]),
+             helper.make_node("Add", ["x", "b"], ["y"]), helper.make_node("Add", ["y", "s2"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "t"])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, "t"])], [alpha, beta])
+    for i, node in enumerate(graph.node):
+        node.name = f"n{i}"
+    constants = {"alpha": np.ones((1, 4, 1), np.float32), "inv_beta": np.ones((1, 4, 1), np.float32)}
+    assert find_snakes(graph, constants.get) == []  # s2 is read twice: not a Snake
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    spec = GraphSpec("g", (TensorSpec("x", "float32", (1, 4, "t")),), (TensorSpec("z", "float32", (1, 4, "t")),),
+                     Tolerance(1e-5, 1e-5))
+    assert SnakeSplitGraph.open(path, spec) is None
+
+
+def test_runtime_vae_snake_choice(tiny):
+    """The CPU runtime splits the VAE graphs by default; ``vae_snake="onnx"`` runs them whole; the audio agrees."""
+    from acestep_trt.runtime import AceStepRuntime
+    from acestep_trt.runtime.backends.ort import OrtGraph
+    from acestep_trt.runtime.backends.ort_snake import SnakeSplitGraph
+    from acestep_trt.runtime.errors import InputError
+
+    fast, plain = AceStepRuntime.load(tiny.artifacts), AceStepRuntime.load(tiny.artifacts, vae_snake="onnx")
+    for name in (VAE_DECODER, VAE_ENCODER):
+        assert isinstance(fast.runners[name]._runner, SnakeSplitGraph)
+        assert isinstance(plain.runners[name]._runner, OrtGraph)
+    kwargs = dict(prompt="lo-fi piano", audio_duration=2.3, seed=3, show_progress=False)
+    a, b = fast(**kwargs).audios, plain(**kwargs).audios
+    assert np.max(np.abs(a - b)) < 1e-5
+    with pytest.raises(InputError, match="vae_snake"):
+        AceStepRuntime.load(tiny.artifacts, vae_snake="torch")

@@ -1,0 +1,437 @@
+"""The VAE graphs on ONNX Runtime's CPU provider with their Snake activations and residual adds in NumPy.
+
+Why: the Oobleck VAE's 36 Snake activations (``x + inv_beta * sin(alpha * x) ** 2``, folded at export by
+``export/graphs/vae_blocks.py``) are five ONNX operators each (Mul, Sin, Mul, Mul, Add). ONNX Runtime runs
+``Sin`` as a scalar loop (about 2 ns per element here, one thread whatever the session's setting), and each
+of the five, like every residual Add, is a pass over a tensor far larger than the cache: together about half
+the CPU decode's time at mid size. NumPy's vectorised ``sin`` over cache-sized chunks, with the other passes
+done on the chunk while it is in the cache (and the residual add that precedes each Snake folded into the
+same chunk loop), takes a fraction of that (README, Performance: "VAE decode on the CPU").
+
+How: the graph file is split at its Snakes, recognised by their folded pattern (:func:`find_snakes`), and at
+its adds of two computed tensors; everything else (the convolutions) runs in ONNX Runtime sessions over the
+same nodes, whose initializers are read from the graph's own data file (nothing is written or copied into a
+graph). The audio equals the whole graph's up to the last bits of ``sin``. Every value between pieces is
+written into a buffer of the call (ONNX Runtime's IO binding), recycled as soon as its last reader has run,
+so a window allocates each size of tensor once; the pieces run without ONNX Runtime's arena, which would keep
+one high-water mark per piece for the life of the process.
+
+Only the CPU provider and fp32 graphs: CUDA and TensorRT run the graph file as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError
+from ..specs import GraphSpec
+from .ort import _import_ort
+
+log = logging.getLogger(__name__)
+
+# Elements of one channel row processed per pass: 256 KiB of fp32, so that the passes of a Snake over a chunk
+# stay in the core's L2 cache (measured: 65536 beat 8192 and whole rows of 0.5 M samples).
+SNAKE_CHUNK = 65536
+
+
+# --------------------------------------------------------------------------- NumPy kernels
+
+
+def snake(x: np.ndarray, alpha: np.ndarray, inv_beta: np.ndarray, out: np.ndarray, scratch: np.ndarray,
+          residual: np.ndarray | None = None, summed: np.ndarray | None = None) -> None:
+    """``out = y + inv_beta * sin(alpha * y) ** 2`` per channel, y [B, C, T] C-contiguous, alpha/inv_beta [C].
+
+    ``y = x``, or with ``residual`` ``y = x + residual``, written to ``summed`` chunk by chunk before the
+    Snake reads it (the residual add and the activation in one pass). ``out`` may be ``x`` (or ``summed``).
+    The operations and their order are the graph's (``s = sin(alpha * y)``; ``y + inv_beta * (s * s)``), so
+    only ``sin``'s last bits differ from ONNX Runtime's. ``scratch``: float32, at least ``SNAKE_CHUNK`` long.
+    """
+    channels, length = x.shape[1], x.shape[2]
+    rows, out_rows = x.reshape(-1, length), out.reshape(-1, length)
+    if residual is not None:
+        add_rows, sum_rows = residual.reshape(-1, length), summed.reshape(-1, length)
+    for row in range(rows.shape[0]):
+        a, b = alpha[row % channels], inv_beta[row % channels]
+        for start in range(0, length, SNAKE_CHUNK):
+            stop = start + SNAKE_CHUNK
+            y = rows[row, start:stop]
+            if residual is not None:
+                y = np.add(y, add_rows[row, start:stop], out=sum_rows[row, start:stop])
+            s = scratch[:y.shape[0]]
+            np.multiply(y, a, out=s)
+            np.sin(s, out=s)
+            np.multiply(s, s, out=s)
+            np.multiply(s, b, out=s)
+            np.add(y, s, out=out_rows[row, start:stop])
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@dataclass(frozen=True)
+class Snake:
+    """One folded Snake: ``y = x + inv_beta * sin(alpha * x) ** 2`` per channel; alpha, inv_beta [C].
+
+    With ``residual``, the add ``x = a + residual`` that precedes it is folded in: ``x`` is then an output too.
+    """
+
+    x: str
+    y: str
+    alpha: np.ndarray
+    inv_beta: np.ndarray
+    nodes: frozenset[str] = field(default_factory=frozenset)  # the five ONNX nodes it replaces
+    a: str | None = None  # with residual: x = a + residual
+    residual: str | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.x,) if self.residual is None else (self.a, self.residual)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.y,) if self.residual is None else (self.x, self.y)
+
+    def shapes(self, shapes):
+        return [shapes[0]] * len(self.outputs)
+
+    def compute(self, ins, outs, scratch) -> None:
+        if self.residual is None:
+            snake(ins[0], self.alpha, self.inv_beta, outs[0], scratch)
+        else:
+            snake(ins[0], self.alpha, self.inv_beta, outs[1], scratch, residual=ins[1], summed=outs[0])
+
+
+@dataclass(frozen=True)
+class Add:
+    """``y = a + b`` of two computed tensors (the VAE's residual connections), in NumPy."""
+
+    a: str
+    b: str
+    y: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.a, self.b)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.y,)
+
+    def shapes(self, shapes):
+        return [np.broadcast_shapes(*shapes)]
+
+    def compute(self, ins, outs, scratch) -> None:
+        np.add(ins[0], ins[1], out=outs[0])
+
+
+@dataclass(frozen=True)
+class Piece:
+    """ONNX nodes between the NumPy steps, run as one ONNX Runtime session."""
+
+    session: object
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    ops: tuple[str, ...]  # its nodes' operator types, in order (logs, profiles, tests)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def find_snakes(graph, constant) -> list[Snake]:
+    """The folded Snakes of ``graph`` (an ``onnx.GraphProto``): Mul(alpha, x) -> Sin -> Mul(s, s) ->
+    Mul(inv_beta, .) -> Add(x, .), with alpha and inv_beta initializers of shape [1, C, 1] and no other use
+    of the intermediate values. ``constant(name)`` -> the initializer's array, or None if it is none."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):  # Mul(s, s) is one consumer of s
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def only_consumer(node, op_type):
+        users = consumers.get(node.output[0], [])
+        if node.output[0] in outputs or len(users) != 1 or users[0].op_type != op_type:
+            return None
+        return users[0]
+
+    def split_constant(node):  # Mul(c, v) or Mul(v, c) -> (c's array, v), or None
+        for i in (0, 1):
+            value = constant(node.input[i])
+            if value is not None and constant(node.input[1 - i]) is None:
+                return value, node.input[1 - i]
+        return None
+
+    snakes = []
+    for sin in (n for n in graph.node if n.op_type == "Sin"):
+        scale = producer.get(sin.input[0])  # nodes are compared by name: protobuf hands out new wrappers
+        if scale is None or scale.op_type != "Mul" or getattr(only_consumer(scale, "Sin"), "name", None) != sin.name:
+            continue
+        alpha_x = split_constant(scale)
+        square = only_consumer(sin, "Mul")
+        if alpha_x is None or square is None or list(square.input) != [sin.output[0]] * 2:
+            continue
+        weight = only_consumer(square, "Mul")
+        inv_beta_s = None if weight is None else split_constant(weight)
+        add = None if weight is None else only_consumer(weight, "Add")
+        if inv_beta_s is None or add is None or sorted(add.input) != sorted([alpha_x[1], weight.output[0]]):
+            continue
+        (alpha, x), (inv_beta, _) = alpha_x, inv_beta_s
+        if alpha.ndim != 3 or alpha.shape != inv_beta.shape or alpha.shape[0] != 1 or alpha.shape[2] != 1:
+            continue  # one value per channel of x [B, C, T], as FoldedSnake stores them ([1, C, 1])
+        snakes.append(Snake(x, add.output[0], alpha.reshape(-1).astype(np.float32),
+                            inv_beta.reshape(-1).astype(np.float32),
+                            frozenset(n.name for n in (scale, sin, square, weight, add))))
+    return snakes
+
+
+def plan_steps(graph, snakes: list[Snake], constants: set[str]) -> list:
+    """The graph as steps in execution order: lists of ONNX nodes (run by ONNX Runtime), :class:`Snake` and
+    :class:`Add` (NumPy); an Add whose sum the next step's Snake reads is folded into that Snake.
+
+    ONNX nodes are stored in topological order; a Snake takes the place of its final Add, and the nodes
+    between its first Mul and that Add (none depend on it: its intermediate values have no other use) go
+    into the run before it.
+    """
+    by_add = {snake.y: snake for snake in snakes}
+    skipped = set().union(*(s.nodes for s in snakes)) if snakes else set()
+    steps: list = []
+
+    def emit(step):
+        if isinstance(step, list):
+            if steps and isinstance(steps[-1], list):
+                steps[-1].append(step[0])
+                return
+        elif isinstance(step, Snake) and steps and isinstance(steps[-1], Add) and steps[-1].y == step.x:
+            add = steps.pop()
+            step = Snake(step.x, step.y, step.alpha, step.inv_beta, step.nodes, add.a, add.b)
+        steps.append(step)
+
+    for node in graph.node:
+        if node.name in skipped:
+            if node.op_type == "Add" and node.output[0] in by_add:
+                emit(by_add[node.output[0]])
+        elif node.op_type == "Add" and len(node.input) == 2 and not set(node.input) & constants:
+            emit(Add(node.input[0], node.input[1], node.output[0]))
+        else:
+            emit([node])
+    return steps
+
+
+def _piece_io(nodes, later: set[str], constants: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs, outputs) of a run of nodes: values it reads that come from before it (not initializers),
+    and values it makes that ``later`` steps or the graph's outputs read."""
+    made = {out for node in nodes for out in node.output}
+    inputs = []
+    for node in nodes:
+        for name in node.input:
+            if name and name not in made and name not in constants and name not in inputs:
+                inputs.append(name)
+    outputs = tuple(out for node in nodes for out in node.output if out in later)
+    return tuple(inputs), outputs
+
+
+class _NotSplittable(Exception):
+    """The graph cannot be split (a value between steps is not float32): run it whole."""
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+class SnakeSplitGraph:
+    """A CPU VAE graph run as ONNX Runtime pieces and NumPy steps; the interface of
+    :class:`~acestep_trt.runtime.backends.ort.OrtGraph` that the VAE uses (``run``).
+
+    Build with :meth:`open`, which returns None for a graph without folded Snakes (exports made before the
+    fold; the caller keeps the whole graph then). ``run`` may be called from several threads at once.
+    """
+
+    def __init__(self, path: Path, spec: GraphSpec, model, steps: list, elem, threads: int | None = 1):
+        self.spec, self.name, self.device = spec, spec.name, "cpu"
+        self.providers = ["CPUExecutionProvider"]
+        self._outputs = [o.name for o in spec.outputs]
+        self._threads = threads or 1
+        self._shapes: dict[tuple, list[tuple[int, ...]]] = {}  # (step, input shapes) -> output shapes
+        self._steps = []
+        later = {o.name for o in model.graph.output}
+        for step in reversed(steps):  # pieces need to know which of their values later steps read
+            if isinstance(step, list):
+                step = self._piece(path, model, step, later, elem)
+            elif any(elem(name) != 1 for name in (*step.inputs, *step.outputs)):  # 1: float32
+                raise _NotSplittable(f"a value of {step} is not float32")
+            later = later | set(step.inputs)
+            self._steps.insert(0, step)
+        self._uses: dict[str, int] = {name: 1 for name in self._outputs}  # graph outputs are never recycled
+        for step in self._steps:
+            for name in step.inputs:
+                self._uses[name] = self._uses.get(name, 0) + 1
+
+    @classmethod
+    def open(cls, path: Path, spec: GraphSpec, threads: int | None = 1) -> "SnakeSplitGraph | None":
+        """Split ``path`` at its folded Snakes, or None when it has none or a value between steps is not
+        float32 (ONNX Runtime then runs the whole graph)."""
+        try:
+            import onnx
+            from onnx import numpy_helper
+        except ImportError:  # the `ort` extra installs it; without it the whole graph runs, slower
+            log.warning("%s: the onnx package is missing, so the VAE's Snakes run inside ONNX Runtime (slower); "
+                        "pip install 'acestep-trt[ort]'", spec.name)
+            return None
+        model = onnx.load(str(path), load_external_data=False)
+        initializers = {t.name: t for t in model.graph.initializer}
+
+        def constant(name):  # [1, C, 1] tensors: read on their own, the weights stay in the data file
+            tensor = initializers.get(name)
+            if tensor is None or len(tensor.dims) != 3 or tensor.dims[0] != 1 or tensor.dims[2] != 1:
+                return None
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                tensor = onnx.TensorProto.FromString(tensor.SerializeToString())
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+            return numpy_helper.to_array(tensor)
+
+        snakes = find_snakes(model.graph, constant)
+        if not snakes:  # an export made before the Snakes were folded (export/graphs/vae_blocks.py)
+            log.debug("%s: no folded Snakes; ONNX Runtime runs the whole graph", spec.name)
+            return None
+        try:
+            graph = cls(path, spec, model, plan_steps(model.graph, snakes, set(initializers)), _elem_types(model),
+                        threads)
+        except _NotSplittable as why:
+            log.debug("%s: %s; ONNX Runtime runs the whole graph", spec.name, why)
+            return None
+        log.debug("%s: %d Snakes in NumPy, %d ONNX Runtime pieces", spec.name, len(snakes),
+                  sum(isinstance(s, Piece) for s in graph._steps))
+        return graph
+
+    def _piece(self, path: Path, model, nodes, later: set[str], elem) -> Piece:
+        """An ONNX Runtime session over ``nodes`` of ``model``; ``later``: values read after it."""
+        from onnx import helper
+
+        inputs, outputs = _piece_io(nodes, later, {t.name for t in model.graph.initializer})
+        if any(elem(name) != 1 for name in (*inputs, *outputs)):  # 1: float32
+            raise _NotSplittable(f"a value between pieces of {path.name} is not float32")
+        used = {name for node in nodes for name in node.input}
+        piece = helper.make_model(
+            helper.make_graph(nodes, f"{model.graph.name}_piece",
+                              [helper.make_tensor_value_info(n, elem(n), None) for n in inputs],
+                              [helper.make_tensor_value_info(n, elem(n), None) for n in outputs],
+                              [t for t in model.graph.initializer if t.name in used]),
+            opset_imports=model.opset_import, ir_version=model.ir_version)
+        ort = _import_ort()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = self._threads
+        options.enable_cpu_mem_arena = False  # 37 arenas would each keep their high-water mark
+        # the piece is handed over as bytes: its external initializers are read from the graph's data file
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        try:
+            session = ort.InferenceSession(piece.SerializeToString(), sess_options=options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ArtifactError(
+                f"ONNX Runtime cannot load a piece of {path.name}: {str(exc).splitlines()[0][:300]}",
+                "re-run `acestep-trt export MODEL_DIR ARTIFACTS_DIR --overwrite`, or load with "
+                "vae_snake='onnx' to run the graph whole.",
+            ) from None
+        return Piece(session, inputs, outputs, tuple(node.op_type for node in nodes))
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the steps in order. Each value's buffer is recycled once its last reader has run; a NumPy step
+        writes over an input that no later step reads."""
+        self.spec.check_feeds(feeds)
+        values = {t.name: np.ascontiguousarray(feeds[t.name]) for t in self.spec.inputs}
+        uses = dict(self._uses)
+        buffers = _Buffers()  # this call's buffers: nothing is held between calls
+        for index, step in enumerate(self._steps):
+            ins = [values[name] for name in step.inputs]
+            if isinstance(step, Piece):
+                produced = self._run_piece(index, step, ins, buffers)
+            else:
+                outs = self._numpy_outputs(step, ins, uses, buffers)
+                step.compute(ins, outs, buffers.scratch)
+                produced = dict(zip(step.outputs, outs))
+            for name in step.inputs:
+                uses[name] -= 1
+                if uses[name] == 0:
+                    dead = values.pop(name)
+                    if all(dead is not new for new in produced.values()):
+                        buffers.give(dead)
+            values.update(produced)
+        return {name: values[name] for name in self._outputs}
+
+    def _numpy_outputs(self, step, ins: list[np.ndarray], uses: dict, buffers: "_Buffers") -> list[np.ndarray]:
+        """Output buffers of a NumPy step: an input that no later step reads (same shape, this call's), else
+        a recycled or new buffer (graph outputs: new)."""
+        shapes = step.shapes([a.shape for a in ins])
+        reusable = [a for name, a in zip(step.inputs, ins) if uses[name] == 1 and buffers.owns(a)]
+        outs = []
+        for name, shape in zip(step.outputs, shapes):
+            same = next((a for a in reusable if a.shape == shape), None)
+            if same is not None and name not in self._outputs:
+                reusable.remove(same)
+                outs.append(same)
+            else:
+                outs.append(np.empty(shape, np.float32) if name in self._outputs else buffers.take(shape))
+        return outs
+
+    def _run_piece(self, index: int, piece: Piece, ins: list[np.ndarray], buffers: "_Buffers") -> dict:
+        """Run one piece; its outputs are written into ``buffers`` (graph outputs into fresh arrays)."""
+        key = (index, tuple(a.shape for a in ins))
+        shapes = self._shapes.get(key)
+        if shapes is None:  # first time for these shapes: ONNX Runtime allocates, and tells the shapes
+            got = piece.session.run(list(piece.outputs), dict(zip(piece.inputs, ins)))
+            self._shapes[key] = [a.shape for a in got]
+            return {name: buffers.adopt(np.array(a)) for name, a in zip(piece.outputs, got)}
+        binding = piece.session.io_binding()
+        for name, array in zip(piece.inputs, ins):
+            binding.bind_cpu_input(name, array)
+        produced = {}
+        for name, shape in zip(piece.outputs, shapes):
+            out = np.empty(shape, np.float32) if name in self._outputs else buffers.take(shape)
+            binding.bind_output(name, "cpu", 0, np.float32, list(shape), out.ctypes.data)
+            produced[name] = out
+        piece.session.run_with_iobinding(binding)
+        return produced
+
+    def close(self) -> None:
+        self._steps = []
+
+
+def _elem_types(model):
+    """value name -> ONNX element type, from shape inference on the graph without its weights."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    return lambda name: types.get(name, 0)
+
+
+class _Buffers:
+    """float32 buffers of one call, by shape: ``take`` reuses a recycled one or allocates; ``give`` recycles
+    one this call made (inputs and graph outputs are never recycled)."""
+
+    def __init__(self):
+        self.scratch = np.empty(SNAKE_CHUNK, np.float32)  # the Snake's chunk
+        self._free: dict[tuple[int, ...], list[np.ndarray]] = {}
+        self._made: dict[int, np.ndarray] = {}  # id -> array: held, so that no id is reused during the call
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        free = self._free.get(tuple(shape))
+        return free.pop() if free else self.adopt(np.empty(shape, np.float32))
+
+    def adopt(self, array: np.ndarray) -> np.ndarray:
+        self._made[id(array)] = array
+        return array
+
+    def owns(self, array: np.ndarray) -> bool:
+        return id(array) in self._made
+
+    def give(self, array: np.ndarray) -> None:
+        if self.owns(array):
+            self._free.setdefault(array.shape, []).append(array)
