@@ -27,7 +27,7 @@ of fp32 weights). This module reads the graph without its weights, reads one ini
 external data file (plain reads into a buffer of its own, no mapping: the file's pages stay in the page
 cache, not in this process), quantises it in NumPy and appends it to the new data file, copying the other
 initializers through by byte ranges. It holds about one weight (fp32 in, a fp32 temporary, int8 out) at a
-time: the full-size DiT quantises at 0.22 GiB peak in 14 s (README, "Export memory at full size").
+time: the full-size DiT quantises at 0.23 GiB peak in 12 s (README, "Export memory at full size").
 
 What stays fp32: the DiT's islands of the bf16 recipe (:mod:`acestep_trt.export.precision`). Of those,
 only the timestep-embedding MLPs are matrix products; they are excluded by name scope (:data:`KEEP_FP32`,
