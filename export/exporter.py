@@ -355,7 +355,9 @@ def _finish_group(staging, names, results, specs, plan, dtypes, validate, extra)
     """Quantise (int8), collect the constants of, and validate the graphs one child traced: {graph: rows}."""
     rows = {}
     for name, result in zip(names, results):
-        if dtypes[name] == "int8":  # in a child of its own: quantising holds the fp32 and int8 weights at once
+        # in a child of its own, like tracing: a crash or an out-of-memory kill there is a BackendError naming
+        # the step, and nothing it allocated stays in this process (it holds about one weight at a time)
+        if dtypes[name] == "int8":
             run_in_child(f"quantising {name}", quantize_int8, staging / f"{name}.onnx", name)
             result["scalars"].pop("dit_parameters", None)  # it names fp32 initializers the quantiser replaced
         extra.update(result["scalars"])
