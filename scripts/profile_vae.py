@@ -19,7 +19,12 @@ Session options are ONNX Runtime's defaults with ``--threads`` intra-op threads;
 ``--diffusers MODEL_DIR`` adds diffusers' own ``AutoencoderOobleck`` in fp32 and bf16 (torch, ``--threads``
 threads) to the alternation, with each side's audio difference to diffusers fp32 (without it, to the first
 export), and ``--openvino`` OpenVINO's CPU plugin on the first export's file at f32 and bf16 precision
-(``pip install openvino``; not a dependency):
+(``pip install openvino``; not a dependency). ``snake=numpy`` in a variant runs the graph as the runtime does
+by default on the CPU (``runtime/backends/ort_snake.py``: Snakes and residual adds in NumPy between ONNX
+Runtime pieces); its profile is per step (each piece's operators, the Snakes, the adds), in thread CPU time:
+
+    .venv/bin/python scripts/profile_vae.py ART ART --variant-options workers=2,snake=onnx \
+        --variant-options workers=2,snake=numpy --diffusers MODEL_DIR --duration 10 --runs 5
 
     .venv/bin/python scripts/profile_vae.py OLD_ART NEW_ART --variant-options workers=1 \
         --variant-options workers=2 --diffusers MODEL_DIR --duration 10 --runs 5
@@ -114,6 +119,37 @@ def overlap_of(source: str, graph: str, default: int = 11) -> int:
     return window_overlap(int(vae[key])) if key in vae else default
 
 
+class SplitSession:
+    """The runtime's Snake-split graph (``runtime/backends/ort_snake.py``) behind ``InferenceSession.run``'s
+    signature, with its spec read from the ONNX file (so that plain .onnx files work too)."""
+
+    def __init__(self, path: Path, threads: int):
+        import onnx
+
+        from acestep_trt.runtime.backends.ort_snake import SnakeSplitGraph
+        from acestep_trt.runtime.specs import GraphSpec, TensorSpec, Tolerance
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+
+        def specs(values):
+            return tuple(TensorSpec(v.name, "float32", tuple(d.dim_param or d.dim_value for d in
+                                                             v.type.tensor_type.shape.dim)) for v in values)
+
+        spec = GraphSpec(path.stem, specs(graph.input), specs(graph.output), Tolerance(0.0, 0.0))
+        self.graph = SnakeSplitGraph.open(path, spec, threads)
+        if self.graph is None:
+            sys.exit(f"{path}: no folded Snakes to run in NumPy (an export made before the fold?)")
+        self.outputs = [o.name for o in spec.outputs]
+        self._inputs = [argparse.Namespace(name=t.name, shape=list(t.dims)) for t in spec.inputs]
+
+    def get_inputs(self):  # as InferenceSession's (make_feed reads name and shape)
+        return self._inputs
+
+    def run(self, _names, feed):
+        out = self.graph.run(feed)
+        return [out[name] for name in self.outputs]
+
+
 def timed_call(session, graph: str, feed: dict, settings: dict, overlap: int, hop: int):
     """A no-argument callable: one graph run, or the runtime's windowed decode/encode with ``workers``."""
     from acestep_trt.runtime.vae import decode_windowed, encode_windowed
@@ -126,6 +162,40 @@ def timed_call(session, graph: str, feed: dict, settings: dict, overlap: int, ho
     if graph == "vae_decoder":
         return lambda: decode_windowed(lambda z: session.run(None, {name: z})[0], value, hop, window, overlap, workers)
     return lambda: encode_windowed(lambda a: tuple(session.run(None, {name: a})), value, hop, window, overlap, workers)
+
+
+def step_times(split: SplitSession, feed: dict, runs: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Thread CPU seconds per step kind of the split graph over ``runs`` runs after a warm-up: pieces by
+    their operators, ``Snake``, ``Snake+residual`` (the add folded in) and ``Add``; and calls per kind."""
+    import time
+
+    from acestep_trt.runtime.backends import ort_snake
+
+    graph, total, count = split.graph, collections.Counter(), collections.Counter()
+    run_piece, computes = graph._run_piece, {cls: cls.compute for cls in (ort_snake.Snake, ort_snake.Add)}
+
+    def timed(label, call, *args):
+        started = time.thread_time()
+        out = call(*args)
+        total[label] += time.thread_time() - started
+        count[label] += 1
+        return out
+
+    graph._run_piece = lambda i, piece, ins, buffers: timed("+".join(piece.ops), run_piece, i, piece, ins, buffers)
+    for cls, compute in computes.items():
+        cls.compute = (lambda self, ins, outs, scratch, compute=compute, name=cls.__name__:
+                       timed(name + ("+residual" if getattr(self, "residual", None) else ""), compute, self, ins,
+                             outs, scratch))
+    try:
+        split.run(None, feed)
+        total.clear(), count.clear()
+        for _ in range(runs):
+            split.run(None, feed)
+    finally:
+        del graph._run_piece
+        for cls, compute in computes.items():
+            cls.compute = compute
+    return total, count
 
 
 def diffusers_calls(model_dir: str, graph: str, feed: dict, threads: int) -> dict:
@@ -170,6 +240,16 @@ def openvino_calls(path: Path, graph: str, feed: dict, threads: int) -> dict:
     return calls
 
 
+def print_steps(label: str, total: dict, count: dict, runs: int, top: int) -> None:
+    whole = sum(total.values()) or 1.0
+    print(f"\n{label}: per step of one whole-clip run, thread CPU time over {runs} runs (per run):")
+    print(f"  {'step':<22}{'ms/run':>9}{'share':>8}{'steps':>7}{'ms/call':>9}")
+    for step, seconds in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {step:<22}{seconds / runs * 1e3:9.1f}{100 * seconds / whole:7.1f}%{count[step] / runs:7.0f}"
+              f"{seconds / count[step] * 1e3:9.2f}")
+    print(f"  {'all steps':<22}{whole / runs * 1e3:9.1f}")
+
+
 def parse_variant(text: str) -> dict:
     """``opt_level=all,spinning=0,execution_mode=parallel,workers=2,window=256`` -> dict."""
     out = {}
@@ -190,7 +270,8 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=48000, help="audio sample rate (default 48000)")
     parser.add_argument("--variant-options", action="append", default=[],
                         help="per export, in order: overrides such as opt_level=all,spinning=0,"
-                             "execution_mode=parallel, workers=2 (the runtime's parallel windows), window=256")
+                             "execution_mode=parallel, workers=2 (the runtime's parallel windows), window=256, "
+                             "snake=numpy (the runtime's Snake-split graph)")
     parser.add_argument("--diffusers", metavar="MODEL_DIR", help="also time diffusers' VAE (fp32, bf16) from MODEL_DIR")
     parser.add_argument("--openvino", action="store_true",
                         help="also time OpenVINO's CPU plugin (f32, bf16) on the first export's graph "
@@ -209,7 +290,9 @@ def main() -> None:
     labels = [f"{i}:{e}" + (f" [{args.variant_options[i]}]" if i < len(args.variant_options) else "")
               for i, e in enumerate(args.exports)]
     paths = [graph_path(e, args.graph) for e in args.exports]
-    sessions = [ort.InferenceSession(str(p), session_options(ort, args, v, None), providers=["CPUExecutionProvider"])
+    sessions = [SplitSession(p, 1 if int(v.get("workers", 1)) > 1 else args.threads) if v.get("snake") == "numpy"
+                else ort.InferenceSession(str(p), session_options(ort, args, v, None),
+                                          providers=["CPUExecutionProvider"])
                 for p, v in zip(paths, variants)]
     feeds = [make_feed(s, args.graph, frames, args.hop) for s in sessions]
     calls = {label: timed_call(s, args.graph, f, v, overlap_of(e, args.graph), args.hop)
@@ -219,6 +302,7 @@ def main() -> None:
     if args.openvino:
         calls.update(openvino_calls(paths[0], args.graph, feeds[0], args.threads))
     outputs, walls = alternate(calls, args.runs)  # warm-up (each side's output), then alternating runs
+    splits = {label: (s, f) for label, s, f in zip(labels, sessions, feeds) if isinstance(s, SplitSession)}
     del sessions
     print(f"{args.graph}, {args.duration:g} s clip ({frames} latent frames), {args.threads} threads, "
           f"median of {args.runs} alternating runs:")
@@ -237,6 +321,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="profile-vae-") as work:
         for label, path, variant, feed in zip(labels, paths, variants, feeds):
+            if label in splits:
+                print_steps(label, *step_times(*splits[label], args.runs), args.runs, args.top)
+                continue
             opts = session_options(ort, args, variant, work)
             session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             for _ in range(1 + args.runs):
