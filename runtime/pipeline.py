@@ -125,25 +125,33 @@ def _graph_threads(name: str, device: str, threads: int | None) -> int | None:
     return 1 if device == "cpu" and name in (VAE_DECODER, VAE_ENCODER) else threads
 
 
-VAE_SNAKES = ("numpy", "onnx")
+# Graphs the CPU runtime runs split (runtime/backends/ort_snake.py, ort_memo.py; README Performance): the VAE
+# with its Snakes in NumPy, and the condition encoder with its timbre part computed once per distinct reference.
+SPLIT_VAE_GRAPHS = (VAE_DECODER, VAE_ENCODER)
+MEMOIZED_INPUTS = {CONDITION_ENCODER: "timbre_latents"}
 
 
 def _open_ort_graph(artifacts: Artifacts, name: str, spec, device: str, threads: int | None, emulate: bool,
-                    vae_snake: str):
-    """``name`` on ONNX Runtime: the CPU VAE graphs (fp32) with their Snakes in NumPy when ``vae_snake`` is
-    "numpy" (runtime/backends/ort_snake.py; the whole graph if it has no folded Snakes), else the graph file."""
-    from .backends.ort import OrtGraph
+                    split: bool):
+    """``name`` on ONNX Runtime; on the CPU with ``split``, the graphs above as their split runners (the whole
+    graph where a split does not apply: reduced precision, an export without folded Snakes)."""
+    from .backends.ort import OrtGraph, check_device
 
     path, precision = artifacts.graph_path(name), artifacts.precision(name)
     graph_threads = _graph_threads(name, device, threads)
-    if vae_snake == "numpy" and device == "cpu" and name in (VAE_DECODER, VAE_ENCODER) and precision == "fp32":
-        from .backends.ort import check_device
-        from .backends.ort_snake import SnakeSplitGraph
-
+    if split and device == "cpu" and precision in ("fp32", "int8"):
         check_device(device)
-        split = SnakeSplitGraph.open(path, spec, graph_threads)
-        if split is not None:
-            return split
+        runner = None
+        if name in SPLIT_VAE_GRAPHS and precision == "fp32":
+            from .backends.ort_snake import SnakeSplitGraph
+
+            runner = SnakeSplitGraph.open(path, spec, graph_threads)
+        elif name in MEMOIZED_INPUTS:
+            from .backends.ort_memo import MemoizedInputGraph
+
+            runner = MemoizedInputGraph.open(path, spec, MEMOIZED_INPUTS[name], graph_threads)
+        if runner is not None:
+            return runner
     return OrtGraph(path, spec, device, graph_threads, precision, emulate)
 
 
@@ -178,7 +186,7 @@ class AceStepRuntime:
         engine_dir: str | Path | None = None,
         emulate_precision: bool = False,
         limits: lim.Limits | None = None,
-        vae_snake: str = "numpy",
+        split_graphs: bool = True,
     ) -> "AceStepRuntime":
         """Verify ``artifacts_dir`` and open every graph on ``backend``/``device``.
 
@@ -190,14 +198,12 @@ class AceStepRuntime:
         ``limits``: request limits (:class:`~acestep_trt.runtime.limits.Limits`; default: the model's range).
         ``threads``: ONNX Runtime intra-op threads per graph (default: its own); on the CPU the VAE graphs
         instead run that many windows at once (default: the cores this process may use), each single-threaded.
-        ``vae_snake``: where the VAE's Snake activations run on the CPU: ``"numpy"`` (vectorised, fused per
-        cache-sized chunk; about a quarter faster decode, README Performance) or ``"onnx"`` (inside ONNX
-        Runtime, as in the graph file). The audio differs in the last bits of ``sin`` only.
+        ``split_graphs``: on the CPU, run the VAE graphs with their Snake activations in NumPy between ONNX
+        Runtime pieces, and the condition encoder's timbre part once per distinct reference (README,
+        Performance: about a quarter faster decode, most of the prompt encoding saved without reference audio);
+        False runs every graph file whole. The audio differs in the last bits of ``sin`` only.
         """
         from .backends.ort import DeferredGraph, check_device
-
-        if vae_snake not in VAE_SNAKES:
-            raise InputError(f"vae_snake={vae_snake!r} is not one of {VAE_SNAKES}.", "use 'numpy' or 'onnx'.")
 
         kind = resolve_backend(backend, device, artifacts_dir, engine_dir)
         if kind == "ort":
@@ -211,7 +217,7 @@ class AceStepRuntime:
             audio_device = device if device == "cpu" or _ort_has_cuda() else "cpu"
         else:
             runners = {name: _open_ort_graph(artifacts, name, artifacts.specs[name], device, threads,
-                                             emulate_precision, vae_snake)
+                                             emulate_precision, split_graphs)
                        for name in GRAPH_NAMES}
             audio_device = device
         for name in artifacts.audio_graphs:  # ONNX Runtime unless an engine runs it (older engine dirs: logged)
@@ -219,7 +225,7 @@ class AceStepRuntime:
                 continue
             spec = artifacts.audio_specs[name]
             open_graph = functools.partial(_open_ort_graph, artifacts, name, spec, audio_device, threads,
-                                           emulate_precision, vae_snake)
+                                           emulate_precision, split_graphs)
             runners[name] = (DeferredGraph(spec, open_graph, artifacts.check_unchanged,
                                            artifacts.graph_bytes(name))
                              if name in DEFERRED_GRAPHS else open_graph())

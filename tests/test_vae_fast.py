@@ -242,19 +242,21 @@ def test_graph_without_folded_snakes_runs_whole(tmp_path):
     assert SnakeSplitGraph.open(path, spec) is None
 
 
-def test_runtime_vae_snake_choice(tiny):
-    """The CPU runtime splits the VAE graphs by default; ``vae_snake="onnx"`` runs them whole; the audio agrees."""
+def test_runtime_split_graphs_choice(tiny):
+    """The CPU runtime splits the VAE graphs and the condition encoder by default; ``split_graphs=False`` runs
+    every graph file whole; the audio agrees."""
     from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.backends.ort import OrtGraph
+    from acestep_trt.runtime.backends.ort_memo import MemoizedInputGraph
     from acestep_trt.runtime.backends.ort_snake import SnakeSplitGraph
-    from acestep_trt.runtime.errors import InputError
 
-    fast, plain = AceStepRuntime.load(tiny.artifacts), AceStepRuntime.load(tiny.artifacts, vae_snake="onnx")
+    fast, plain = AceStepRuntime.load(tiny.artifacts), AceStepRuntime.load(tiny.artifacts, split_graphs=False)
     for name in (VAE_DECODER, VAE_ENCODER):
         assert isinstance(fast.runners[name]._runner, SnakeSplitGraph)
         assert isinstance(plain.runners[name]._runner, OrtGraph)
+    assert isinstance(fast.runners["condition_encoder"]._runner, MemoizedInputGraph)
+    assert all(isinstance(r._runner, OrtGraph) for n, r in plain.runners.items() if n not in ("audio_tokenizer",
+                                                                                             "audio_detokenizer"))
     kwargs = dict(prompt="lo-fi piano", audio_duration=2.3, seed=3, show_progress=False)
     a, b = fast(**kwargs).audios, plain(**kwargs).audios
     assert np.max(np.abs(a - b)) < 1e-5
-    with pytest.raises(InputError, match="vae_snake"):
-        AceStepRuntime.load(tiny.artifacts, vae_snake="torch")

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError
 from ..specs import GraphSpec
-from .ort import _import_ort
+from .ort_pieces import FLOAT, element_types, piece_io, piece_model, piece_session
 
 log = logging.getLogger(__name__)
 
@@ -240,19 +239,6 @@ def plan_steps(graph, snakes: list[Snake], constants: set[str]) -> list:
     return steps
 
 
-def _piece_io(nodes, later: set[str], constants: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(inputs, outputs) of a run of nodes: values it reads that come from before it (not initializers),
-    and values it makes that ``later`` steps or the graph's outputs read."""
-    made = {out for node in nodes for out in node.output}
-    inputs = []
-    for node in nodes:
-        for name in node.input:
-            if name and name not in made and name not in constants and name not in inputs:
-                inputs.append(name)
-    outputs = tuple(out for node in nodes for out in node.output if out in later)
-    return tuple(inputs), outputs
-
-
 class _NotSplittable(Exception):
     """The graph cannot be split (a value between steps is not float32): run it whole."""
 
@@ -279,7 +265,7 @@ class SnakeSplitGraph:
         for step in reversed(steps):  # pieces need to know which of their values later steps read
             if isinstance(step, list):
                 step = self._piece(path, model, step, later, elem)
-            elif any(elem(name) != 1 for name in (*step.inputs, *step.outputs)):  # 1: float32
+            elif any(elem(name) != FLOAT for name in (*step.inputs, *step.outputs)):
                 raise _NotSplittable(f"a value of {step} is not float32")
             later = later | set(step.inputs)
             self._steps.insert(0, step)
@@ -316,7 +302,7 @@ class SnakeSplitGraph:
             log.debug("%s: no folded Snakes; ONNX Runtime runs the whole graph", spec.name)
             return None
         try:
-            graph = cls(path, spec, model, plan_steps(model.graph, snakes, set(initializers)), _elem_types(model),
+            graph = cls(path, spec, model, plan_steps(model.graph, snakes, set(initializers)), element_types(model),
                         threads)
         except _NotSplittable as why:
             log.debug("%s: %s; ONNX Runtime runs the whole graph", spec.name, why)
@@ -327,34 +313,12 @@ class SnakeSplitGraph:
 
     def _piece(self, path: Path, model, nodes, later: set[str], elem) -> Piece:
         """An ONNX Runtime session over ``nodes`` of ``model``; ``later``: values read after it."""
-        from onnx import helper
-
-        inputs, outputs = _piece_io(nodes, later, {t.name for t in model.graph.initializer})
-        if any(elem(name) != 1 for name in (*inputs, *outputs)):  # 1: float32
+        inputs, outputs = piece_io(nodes, later, {t.name for t in model.graph.initializer})
+        if any(elem(name) != FLOAT for name in (*inputs, *outputs)):
             raise _NotSplittable(f"a value between pieces of {path.name} is not float32")
-        used = {name for node in nodes for name in node.input}
-        piece = helper.make_model(
-            helper.make_graph(nodes, f"{model.graph.name}_piece",
-                              [helper.make_tensor_value_info(n, elem(n), None) for n in inputs],
-                              [helper.make_tensor_value_info(n, elem(n), None) for n in outputs],
-                              [t for t in model.graph.initializer if t.name in used]),
-            opset_imports=model.opset_import, ir_version=model.ir_version)
-        ort = _import_ort()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = self._threads
-        options.enable_cpu_mem_arena = False  # 37 arenas would each keep their high-water mark
-        # the piece is handed over as bytes: its external initializers are read from the graph's data file
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-        try:
-            session = ort.InferenceSession(piece.SerializeToString(), sess_options=options,
-                                           providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ArtifactError(
-                f"ONNX Runtime cannot load a piece of {path.name}: {str(exc).splitlines()[0][:300]}",
-                "re-run `acestep-trt export MODEL_DIR ARTIFACTS_DIR --overwrite`, or load with "
-                "vae_snake='onnx' to run the graph whole.",
-            ) from None
+        piece = piece_model(model, nodes, inputs, outputs, elem)
+        # no arena: 37 pieces would each keep their own high-water mark for the life of the process
+        session = piece_session(path, piece, self._threads, arena=False, fallback="split_graphs=False")
         return Piece(session, inputs, outputs, tuple(node.op_type for node in nodes), piece)
 
     # ------------------------------------------------------------------ running
@@ -421,16 +385,6 @@ class SnakeSplitGraph:
 
     def close(self) -> None:
         self._steps = []
-
-
-def _elem_types(model):
-    """value name -> ONNX element type, from shape inference on the graph without its weights."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
-    return lambda name: types.get(name, 0)
 
 
 class _Buffers:
