@@ -168,7 +168,7 @@ def test_split_graph_equals_the_whole_graph(tiny, name):
     odd lengths and batch 2, call after call (recycled buffers), and from two threads at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from acestep_trt.runtime.backends.ort_snake import Add, Piece, Snake
+    from acestep_trt.runtime.backends.ort_snake import Add, Piece, Snake, Upsample
 
     whole, split = _whole_and_split(tiny, name)
     graph = onnx.load(str(tiny.artifacts / f"{name}.onnx"), load_external_data=False).graph
@@ -183,7 +183,9 @@ def test_split_graph_equals_the_whole_graph(tiny, name):
                  and n.output[0] not in {s.y for s in snakes}]  # adds of two activations, not a Snake's own
     assert len(residuals) == sum(isinstance(s, Add) for s in split._steps) + sum(
         s.residual is not None for s in snakes) > 0  # every add of two activations is NumPy's
-    assert all(isinstance(s, (Snake, Add, Piece)) for s in split._steps)
+    assert all(isinstance(s, (Snake, Add, Piece, Upsample)) for s in split._steps)
+    assert sum(isinstance(s, Upsample) for s in split._steps) == [n.op_type for n in graph.node].count(
+        "ConvTranspose") and "ConvTranspose" not in ops  # every upsampling as two convolutions
     key, shapes = (("latents", [(2, 64, 13), (1, 64, 6)]) if name == VAE_DECODER else
                    ("audio", [(2, 2, 13 * 1920 + 301), (1, 2, 6 * 1920)]))
     # a longer then a shorter clip: the second's values live in views of the first's kept buffers
@@ -209,6 +211,47 @@ def test_split_graph_equals_the_whole_graph(tiny, name):
     assert split.held_bytes == held  # a shorter clip fits in what is kept
     split.release_buffers()
     assert split.held_bytes == 0
+
+
+@pytest.mark.parametrize("stride", [2, 4, 6, 10])  # the Oobleck decoder's upsampling ratios
+def test_upsample_as_two_convolutions_equals_conv_transpose(stride):
+    """Oobleck's ConvTranspose1d (kernel 2s, padding s/2) as the two phase convolutions of ``Upsample``
+    (torch runs them here), interleaved, at an odd length and batch 2."""
+    from acestep_trt.runtime.backends.ort_snake import Upsample, upsample_weights
+
+    torch.manual_seed(stride)
+    conv = torch.nn.ConvTranspose1d(6, 5, 2 * stride, stride, padding=stride // 2)
+    x = torch.randn(2, 6, 37)
+    weight, bias = conv.weight.detach().numpy(), conv.bias.detach().numpy()
+    wa, wb, shared = upsample_weights(weight, bias, stride)
+    with torch.no_grad():
+        want = conv(x).numpy()
+        a = torch.nn.functional.conv1d(torch.nn.functional.pad(x, (1, 0)), torch.from_numpy(wa),
+                                       torch.from_numpy(shared)).numpy()
+        b = torch.nn.functional.conv1d(torch.nn.functional.pad(x, (0, 1)), torch.from_numpy(wb),
+                                       torch.from_numpy(shared)).numpy()
+    step = Upsample(None, "x", "y", stride, 5)
+    out = np.empty(step.output_shape(x.shape), np.float32)
+    assert a.shape == b.shape == step.halves_shape(x.shape) and out.shape == want.shape
+    step.interleave(a, b, out)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5)
+
+
+def test_only_plain_upsampling_leaves_conv_transpose():
+    """Strides, paddings, groups or dilations other than Oobleck's keep ONNX Runtime's ConvTranspose."""
+    from onnx import helper
+
+    from acestep_trt.runtime.backends.ort_snake import _upsample_stride
+
+    dims = {"w": [4, 3, 8], "b": [3], "w6": [4, 3, 6]}
+    node = lambda inputs=("x", "w", "b"), **kw: helper.make_node("ConvTranspose", list(inputs), ["y"], **kw)  # noqa
+    assert _upsample_stride(node(strides=[4], pads=[2, 2]), dims) == 4
+    assert _upsample_stride(node(("x", "w"), strides=[4], pads=[2, 2], kernel_shape=[8]), dims) == 4
+    for bad in (node(strides=[4], pads=[1, 1]), node(strides=[4], pads=[2, 2], group=2),
+                node(strides=[4], pads=[2, 2], dilations=[2]), node(strides=[4], pads=[2, 2], output_padding=[1]),
+                node(("x", "w6"), strides=[3], pads=[1, 1]), node(("x", "w", "c"), strides=[4], pads=[2, 2]),
+                helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[4], pads=[2, 2])):
+        assert _upsample_stride(bad, dims) is None
 
 
 def test_split_graph_without_shape_inference_lets_onnx_runtime_allocate(tiny, monkeypatch):

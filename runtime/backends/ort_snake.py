@@ -129,6 +129,86 @@ class Add:
 
 
 @dataclass(frozen=True)
+class Upsample:
+    """A 1-D ConvTranspose with stride s (even), kernel 2s and padding s/2, the Oobleck decoder's upsampling,
+    as two kernel-2 convolutions over its input, one per half of the output phases, interleaved in NumPy.
+
+    Output sample ``q * s + r`` of ConvTranspose sums two taps: ``x[q - 1] w[s + t] + x[q] w[t]`` for the
+    phases ``r < s/2`` (``t = r + s/2``), ``x[q] w[s + t] + x[q + 1] w[t]`` for the others (``t = r - s/2``).
+    Stacking each half's phases as output channels (``co * s/2 + phase``) makes them plain convolutions
+    ("a": pads [1, 0], "b": pads [0, 1]) with the same multiply-adds as the ConvTranspose. ONNX Runtime's
+    ConvTranspose instead writes a [Cout * 2s, T] column buffer and scatters it (col2im): about twice the
+    time, and a fresh column buffer of hundreds of MB per run at full size.
+    """
+
+    session: object  # the two convolutions: x -> "a", "b" [B, Cout * s/2, T]
+    x: str
+    y: str
+    stride: int
+    channels: int  # Cout
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.x,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.y,)
+
+    def halves_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0], self.channels * (self.stride // 2), shape[2])
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0], self.channels, shape[2] * self.stride)
+
+    def interleave(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        """a, b [B, Cout * s/2, T] (channel ``co * s/2 + j``) -> out [B, Cout, T * s] (sample ``q * s + r``)."""
+        batch, _, length = a.shape
+        half = self.stride // 2
+        phases = out.reshape(batch, self.channels, length, self.stride)
+        phases[..., :half] = a.reshape(batch, self.channels, half, length).transpose(0, 1, 3, 2)
+        phases[..., half:] = b.reshape(batch, self.channels, half, length).transpose(0, 1, 3, 2)
+
+
+def upsample_weights(weight: np.ndarray, bias: np.ndarray | None, stride: int):
+    """ConvTranspose weight [Cin, Cout, 2s] (and bias [Cout]) -> the two convolutions' weights
+    [Cout * s/2, Cin, 2] and their shared bias [Cout * s/2] (see :class:`Upsample`)."""
+    cin, cout, _ = weight.shape
+    half = stride // 2
+    a = np.empty((cout, half, cin, 2), np.float32)
+    b = np.empty((cout, half, cin, 2), np.float32)
+    for phase in range(stride):
+        first = phase < half  # taps at q - 1 and q; else at q and q + 1
+        tap = phase + half if first else phase - half
+        target, j = (a, phase) if first else (b, phase - half)
+        target[:, j, :, 0] = weight[:, :, stride + tap].T
+        target[:, j, :, 1] = weight[:, :, tap].T
+    shared = np.zeros(cout * half, np.float32) if bias is None else np.repeat(bias.astype(np.float32), half)
+    return a.reshape(cout * half, cin, 2), b.reshape(cout * half, cin, 2), shared
+
+
+def _upsample_stride(node, dims: dict) -> int | None:
+    """The stride of a ConvTranspose that :class:`Upsample` can run (1-D, weight and bias initializers, group
+    1, stride s even, kernel 2s, pads s/2 each side, no dilation, output padding or auto pad), else None.
+    ``dims``: initializer name -> dims."""
+    attrs = {a.name: a for a in node.attribute}
+    ints = lambda key, default: list(attrs[key].ints) if key in attrs else default  # noqa: E731
+    weight_dims = dims.get(node.input[1]) if len(node.input) > 1 else None
+    bias = node.input[2] if len(node.input) > 2 else ""
+    if node.op_type != "ConvTranspose" or weight_dims is None or len(weight_dims) != 3 or (bias and bias not in dims):
+        return None
+    stride = ints("strides", [1])
+    if len(stride) != 1 or stride[0] < 2 or stride[0] % 2:
+        return None
+    s = stride[0]
+    plain = (ints("dilations", [1]) == [1] and ints("output_padding", [0]) == [0] and "output_shape" not in attrs
+             and (attrs["group"].i if "group" in attrs else 1) == 1
+             and (attrs["auto_pad"].s if "auto_pad" in attrs else b"NOTSET") in (b"NOTSET", b""))
+    fits = ints("kernel_shape", [weight_dims[2]]) == [2 * s] == [weight_dims[2]] and ints("pads", [0, 0]) == [s // 2] * 2
+    return s if plain and fits else None
+
+
+@dataclass(frozen=True)
 class Piece:
     """ONNX nodes between the NumPy steps, run as one ONNX Runtime session."""
 
@@ -207,9 +287,11 @@ def find_snakes(graph, constant) -> list[Snake]:
     return snakes
 
 
-def plan_steps(graph, snakes: list[Snake], constants: set[str]) -> list:
+def plan_steps(graph, snakes: list[Snake], constants: set[str], dims: dict | None = None) -> list:
     """The graph as steps in execution order: lists of ONNX nodes (run by ONNX Runtime), :class:`Snake` and
-    :class:`Add` (NumPy); an Add whose sum the next step's Snake reads is folded into that Snake.
+    :class:`Add` (NumPy), and ``("upsample", node, stride)`` for the ConvTransposes :class:`Upsample` runs
+    (``dims``: initializer name -> dims); an Add whose sum the next step's Snake reads is folded into that
+    Snake.
 
     ONNX nodes are stored in topological order; a Snake takes the place of its final Add, and the nodes
     between its first Mul and that Add (none depend on it: its intermediate values have no other use) go
@@ -235,9 +317,23 @@ def plan_steps(graph, snakes: list[Snake], constants: set[str]) -> list:
                 emit(by_add[node.output[0]])
         elif node.op_type == "Add" and len(node.input) == 2 and not set(node.input) & constants:
             emit(Add(node.input[0], node.input[1], node.output[0]))
+        elif dims is not None and _upsample_stride(node, dims) is not None:
+            emit(("upsample", node, _upsample_stride(node, dims)))
         else:
             emit([node])
     return steps
+
+
+def _initializer(model, path: Path, name: str) -> np.ndarray:
+    """One initializer of ``model`` as an array (read from the graph's data file if stored there)."""
+    import onnx
+    from onnx import numpy_helper
+
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        tensor = onnx.TensorProto.FromString(tensor.SerializeToString())
+        onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+    return numpy_helper.to_array(tensor)
 
 
 class _NotSplittable(Exception):
@@ -268,6 +364,10 @@ class SnakeSplitGraph:
         for step in reversed(steps):  # pieces need to know which of their values later steps read
             if isinstance(step, list):
                 step = self._piece(path, model, step, later, elem)
+            elif isinstance(step, tuple):
+                step = self._upsample(path, model, *step[1:])
+                if any(elem(name) != FLOAT for name in (*step.inputs, *step.outputs)):
+                    raise _NotSplittable(f"a value of {step.y} is not float32")
             elif any(elem(name) != FLOAT for name in (*step.inputs, *step.outputs)):
                 raise _NotSplittable(f"a value of {step} is not float32")
             later = later | set(step.inputs)
@@ -283,7 +383,6 @@ class SnakeSplitGraph:
         float32 (ONNX Runtime then runs the whole graph)."""
         try:
             import onnx
-            from onnx import numpy_helper
         except ImportError:  # the `ort` extra installs it; without it the whole graph runs, slower
             log.warning("%s: the onnx package is missing, so the VAE's Snakes run inside ONNX Runtime (slower); "
                         "pip install 'acestep-trt[ort]'", spec.name)
@@ -295,18 +394,16 @@ class SnakeSplitGraph:
             tensor = initializers.get(name)
             if tensor is None or len(tensor.dims) != 3 or tensor.dims[0] != 1 or tensor.dims[2] != 1:
                 return None
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                tensor = onnx.TensorProto.FromString(tensor.SerializeToString())
-                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
-            return numpy_helper.to_array(tensor)
+            return _initializer(model, path, name)
 
         snakes = find_snakes(model.graph, constant)
         if not snakes:  # an export made before the Snakes were folded (export/graphs/vae_blocks.py)
             log.debug("%s: no folded Snakes; ONNX Runtime runs the whole graph", spec.name)
             return None
         try:
-            graph = cls(path, spec, model, plan_steps(model.graph, snakes, set(initializers)), element_types(model),
-                        threads)
+            dims = {name: list(t.dims) for name, t in initializers.items()}
+            graph = cls(path, spec, model, plan_steps(model.graph, snakes, set(initializers), dims),
+                        element_types(model), threads)
         except _NotSplittable as why:
             log.debug("%s: %s; ONNX Runtime runs the whole graph", spec.name, why)
             return None
@@ -323,6 +420,24 @@ class SnakeSplitGraph:
         # no arena: 37 pieces would each keep their own high-water mark for the life of the process
         session = piece_session(path, piece, self._threads, arena=False, fallback="split_graphs=False")
         return Piece(session, inputs, outputs, tuple(node.op_type for node in nodes), piece)
+
+    def _upsample(self, path: Path, model, node, stride: int) -> Upsample:
+        """The two convolutions of an :class:`Upsample` in one session, weights rearranged from the node's."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        weight = _initializer(model, path, node.input[1])
+        bias = _initializer(model, path, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        a, b, shared = upsample_weights(weight, bias, stride)
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "wa", "bias"], ["a"], pads=[1, 0]),
+             helper.make_node("Conv", ["x", "wb", "bias"], ["b"], pads=[0, 1])],
+            f"{node.name}_polyphase", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("a", "b")],
+            [numpy_helper.from_array(a, "wa"), numpy_helper.from_array(b, "wb"),
+             numpy_helper.from_array(shared, "bias")])
+        piece = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=model.ir_version)
+        session = piece_session(path, piece, self._threads, arena=False, fallback="split_graphs=False")
+        return Upsample(session, node.input[0], node.output[0], stride, weight.shape[1])
 
     # ------------------------------------------------------------------ running
 
@@ -346,6 +461,8 @@ class SnakeSplitGraph:
             ins = [values[name] for name in step.inputs]
             if isinstance(step, Piece):
                 produced = self._run_piece(index, step, ins, buffers)
+            elif isinstance(step, Upsample):
+                produced = {step.y: self._run_upsample(step, ins[0], buffers)}
             else:
                 outs = self._numpy_outputs(step, ins, uses, buffers)
                 step.compute(ins, outs, buffers.scratch)
@@ -373,6 +490,21 @@ class SnakeSplitGraph:
             else:
                 outs.append(np.empty(shape, np.float32) if name in self._outputs else buffers.take(shape))
         return outs
+
+    def _run_upsample(self, step: Upsample, x: np.ndarray, buffers: "_Buffers") -> np.ndarray:
+        """x [B, Cin, T] -> [B, Cout, T * s]: both convolutions into buffers, then their phases interleaved."""
+        halves = [buffers.take(step.halves_shape(x.shape)) for _ in range(2)]
+        binding = step.session.io_binding()
+        binding.bind_cpu_input("x", x)
+        for name, out in zip(("a", "b"), halves):
+            binding.bind_output(name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        step.session.run_with_iobinding(binding)
+        shape = step.output_shape(x.shape)
+        out = np.empty(shape, np.float32) if step.y in self._outputs else buffers.take(shape)
+        step.interleave(*halves, out)
+        for half in halves:
+            buffers.give(half)
+        return out
 
     def _run_piece(self, index: int, piece: Piece, ins: list[np.ndarray], buffers: "_Buffers") -> dict:
         """Run one piece; its outputs are written into ``buffers`` (graph outputs into fresh arrays)."""
