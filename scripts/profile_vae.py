@@ -166,7 +166,8 @@ def timed_call(session, graph: str, feed: dict, settings: dict, overlap: int, ho
 
 def step_times(split: SplitSession, feed: dict, runs: int) -> tuple[dict[str, float], dict[str, int]]:
     """Thread CPU seconds per step kind of the split graph over ``runs`` runs after a warm-up: pieces by
-    their operators, ``Snake``, ``Snake+residual`` (the add folded in) and ``Add``; and calls per kind."""
+    their operators, the upsamplings (two convolutions and the interleave), ``Snake``, ``Snake+residual`` (the
+    add folded in) and ``Add``; and calls per kind."""
     import time
 
     from acestep_trt.runtime.backends import ort_snake
@@ -182,6 +183,8 @@ def step_times(split: SplitSession, feed: dict, runs: int) -> tuple[dict[str, fl
         return out
 
     graph._run_piece = lambda i, piece, ins, buffers: timed("+".join(piece.ops), run_piece, i, piece, ins, buffers)
+    run_upsample = graph._run_upsample
+    graph._run_upsample = lambda step, x, buffers: timed("Upsample (2 Conv)", run_upsample, step, x, buffers)
     for cls, compute in computes.items():
         cls.compute = (lambda self, ins, outs, scratch, compute=compute, name=cls.__name__:
                        timed(name + ("+residual" if getattr(self, "residual", None) else ""), compute, self, ins,
@@ -192,7 +195,7 @@ def step_times(split: SplitSession, feed: dict, runs: int) -> tuple[dict[str, fl
         for _ in range(runs):
             split.run(None, feed)
     finally:
-        del graph._run_piece
+        del graph._run_piece, graph._run_upsample
         for cls, compute in computes.items():
             cls.compute = compute
     return total, count
