@@ -175,16 +175,15 @@ def upsample_weights(weight: np.ndarray, bias: np.ndarray | None, stride: int):
     [Cout * s/2, Cin, 2] and their shared bias [Cout * s/2] (see :class:`Upsample`)."""
     cin, cout, _ = weight.shape
     half = stride // 2
-    a = np.empty((cout, half, cin, 2), np.float32)
-    b = np.empty((cout, half, cin, 2), np.float32)
-    for phase in range(stride):
-        first = phase < half  # taps at q - 1 and q; else at q and q + 1
-        tap = phase + half if first else phase - half
-        target, j = (a, phase) if first else (b, phase - half)
-        target[:, j, :, 0] = weight[:, :, stride + tap].T
-        target[:, j, :, 1] = weight[:, :, tap].T
+    first = np.arange(half) + half  # phases r < s/2 read taps t = r + s/2 (at q) and s + t (at q - 1)
+    second = np.arange(half)  # phases r >= s/2 read taps t = r - s/2 (at q + 1) and s + t (at q)
+
+    def conv_weight(taps):  # [Cin, Cout, 2s] -> [Cout * s/2, Cin, 2]: (earlier tap, later tap) per phase
+        pair = np.stack([weight[:, :, stride + taps], weight[:, :, taps]], axis=-1)  # [Cin, Cout, s/2, 2]
+        return np.ascontiguousarray(pair.transpose(1, 2, 0, 3), np.float32).reshape(cout * half, cin, 2)
+
     shared = np.zeros(cout * half, np.float32) if bias is None else np.repeat(bias.astype(np.float32), half)
-    return a.reshape(cout * half, cin, 2), b.reshape(cout * half, cin, 2), shared
+    return conv_weight(first), conv_weight(second), shared
 
 
 def _upsample_stride(node, dims: dict) -> int | None:
