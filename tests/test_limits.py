@@ -236,12 +236,31 @@ def fresh(tiny):
 def test_backend_failure_is_one_error_and_the_runtime_stays_usable(fresh, graph, exc, needle):
     lat = noise(1, fresh.config.latent_length(0.5))
     expected = fresh(prompt="piano", audio_duration=0.5, latents=lat).audios
-    runner = fresh.runners[graph].wrapped
-    runner.session = FailingSession(runner.session, exc)
+    restore = _fail_inside(fresh.runners[graph].wrapped, exc)
     with pytest.raises(BackendError, match=needle) as info:
         fresh(prompt="piano", audio_duration=0.5, latents=lat)
     assert "Fix:" in str(info.value) and info.value.__cause__ is None
+    restore()
     np.testing.assert_array_equal(fresh(prompt="piano", audio_duration=0.5, latents=lat).audios, expected)
+
+
+def _fail_inside(runner, exc):
+    """Make one ONNX Runtime session of ``runner`` fail with ``exc``: a whole graph's, a split VAE's first piece
+    (ort_snake.py) or the condition encoder's second part (ort_memo.py). Returns the undo."""
+    import dataclasses
+
+    from acestep_trt.runtime.backends.ort_memo import MemoizedInputGraph
+    from acestep_trt.runtime.backends.ort_snake import Piece, SnakeSplitGraph
+
+    if isinstance(runner, SnakeSplitGraph):
+        index = next(i for i, step in enumerate(runner._steps) if isinstance(step, Piece))
+        piece = runner._steps[index]
+        runner._steps[index] = dataclasses.replace(piece, session=FailingSession(piece.session, exc))
+        return lambda: runner._steps.__setitem__(index, piece)
+    name = "_rest" if isinstance(runner, MemoizedInputGraph) else "session"
+    session = getattr(runner, name)
+    setattr(runner, name, FailingSession(session, exc))
+    return lambda: setattr(runner, name, session)
 
 
 def test_failure_inside_the_device_loop(tiny):
@@ -269,16 +288,12 @@ def test_programming_errors_are_not_disguised(fresh):
 
 
 def test_cli_backend_failure_exit_6_no_output(tiny, tmp_path, monkeypatch):
-    from acestep_trt.runtime.backends import ort as ort_backend
+    from acestep_trt.runtime.backends.ort_snake import SnakeSplitGraph
 
-    real = ort_backend.OrtGraph.run
+    def run(self, feeds):  # the CPU runtime's VAE decoder (split at its Snakes) runs out of memory
+        raise RuntimeException(OOM)
 
-    def run(self, feeds):
-        if self.name == "vae_decoder":
-            raise RuntimeException(OOM)
-        return real(self, feeds)
-
-    monkeypatch.setattr(ort_backend.OrtGraph, "run", run)
+    monkeypatch.setattr(SnakeSplitGraph, "run", run)
     out = tmp_path / "x.wav"
     result = CliRunner().invoke(main, ["generate", str(tiny.artifacts), "--prompt", "p", "--duration", "0.5",
                                        "--out", str(out)])

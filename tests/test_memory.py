@@ -60,13 +60,21 @@ def test_damaged_constants_are_an_artifact_error(tmp_path, damage):
         artifacts.load_constants()
 
 
-def test_cpu_sessions_keep_an_arena_only_for_the_vae(runtime):
+def test_cpu_sessions_keep_an_arena_only_for_the_vae(tiny, runtime):
+    """Whole graphs (split_graphs=False): only the VAE keeps ONNX Runtime's arena. The split runners' pieces run
+    without one (the split VAE writes into buffers of its own, ort_snake.py)."""
+    from acestep_trt.runtime import AceStepRuntime
     from acestep_trt.runtime.backends.ort import CPU_ARENA_GRAPHS
+    from acestep_trt.runtime.backends.ort_snake import Piece, Upsample
 
+    plain = AceStepRuntime.load(tiny.artifacts, split_graphs=False)
     arenas = {name: runner.session.get_session_options().enable_cpu_mem_arena
-              for name, runner in runtime.runners.items() if hasattr(runner, "session")}
+              for name, runner in plain.runners.items() if name in plain.artifacts.specs}
     assert arenas and all(on == (name in CPU_ARENA_GRAPHS) for name, on in arenas.items()), arenas
     assert not arenas["dit_step"] and arenas["vae_decoder"]
+    steps = runtime.runners["vae_decoder"]._runner._steps
+    sessions = [s.session for s in steps if isinstance(s, (Piece, Upsample))]
+    assert sessions and not any(s.get_session_options().enable_cpu_mem_arena for s in sessions)
 
 
 def test_small_checkpoints_trace_one_graph_per_child_two_at_once(tiny, monkeypatch):
