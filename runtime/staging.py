@@ -143,12 +143,20 @@ class TargetLock:
         self.release()
 
 
-def _read_holder(fd: int) -> str:
-    try:
-        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f" (pid {int(data['pid'])})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
+def _read_holder(fd: int, wait: float = 0.5) -> str:
+    """" (pid N)" of the lock's holder, or "" if it cannot be read. The holder writes its record just after
+    taking the lock, so an empty or half-written file is read again for up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            return f" (pid {int(data['pid'])})"
+        except (ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return ""
+            time.sleep(0.01)
+        except OSError:
+            return ""
 
 
 def read_marker(directory: str | Path) -> dict | None:
