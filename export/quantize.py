@@ -451,3 +451,22 @@ def quantize_int8(path: Path, graph: str) -> dict:
         os.replace(target, path)
     log.info("%s: %d matrix products in int8, those under %s kept fp32", graph, quantized, KEEP_FP32.get(graph, ()))
     return {"quantized": quantized, "kept_fp32": keep}
+
+
+def quantize_with_ort(path: Path, graph: str) -> None:
+    """ONNX Runtime's ``quantize_dynamic`` with the recipe's options, in place: what the recipe used before
+    :func:`quantize_int8`, kept as the reference it is compared with (tests/test_int8.py,
+    scripts/int8_compare.py). It holds the whole graph three times over (18.8 GiB for the full-size DiT)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = Path(path)
+    keep = excluded_nodes(onnx.load(str(path), load_external_data=False), graph)
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        out = Path(work) / path.name
+        quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                         nodes_to_exclude=keep, use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+        for suffix in (".data", ""):
+            if os.path.exists(f"{out}{suffix}"):
+                os.replace(f"{out}{suffix}", f"{path}{suffix}")

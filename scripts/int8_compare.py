@@ -37,23 +37,6 @@ GRAPHS = ("text_encoder", "condition_encoder", "dit_step")
 DIMS = {"batch": 2, "text_len": 19, "lyric_len": 41, "timbre_len": 33, "cond_len": 29, "latent_len": 263}
 
 
-def quantize_with_library(path: Path, graph: str) -> None:
-    """The recipe as it was: ``quantize_dynamic`` into a directory beside ``path``, then moved over it."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from acestep_trt.export.quantize import excluded_nodes
-
-    keep = excluded_nodes(onnx.load(str(path), load_external_data=False), graph)
-    with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        out = Path(work) / path.name
-        quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=keep, use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True})
-        for suffix in (".data", ""):
-            Path(str(out) + suffix).replace(str(path) + suffix)
-
-
 def same_graph(a: Path, b: Path) -> tuple[bool, bool]:
     """(same nodes, order aside: the library sorts them topologically; bit-identical initializers of the same
     names)."""
@@ -98,7 +81,7 @@ def run_ops(path: Path, work: Path) -> collections.Counter:
 
 def compare(artifacts, graph: str, work: Path) -> dict:
     """The report line of one graph of ``artifacts`` (:class:`acestep_trt.runtime.artifacts.Artifacts`)."""
-    from acestep_trt.export.quantize import quantize_int8
+    from acestep_trt.export.quantize import quantize_int8, quantize_with_ort
     from acestep_trt.export.validate import make_inputs
     from acestep_trt.runtime.precision import snr_db
 
@@ -109,7 +92,7 @@ def compare(artifacts, graph: str, work: Path) -> dict:
             shutil.copy(artifacts.root / f"{graph}.onnx{suffix}", work / tag / f"{graph}.onnx{suffix}")
         paths[tag] = work / tag / f"{graph}.onnx"
     seconds = {}
-    for tag, fn in (("theirs", quantize_with_library), ("ours", quantize_int8)):
+    for tag, fn in (("theirs", quantize_with_ort), ("ours", quantize_int8)):
         start = time.perf_counter()
         fn(paths[tag], graph)
         seconds[tag] = time.perf_counter() - start

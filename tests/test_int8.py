@@ -168,27 +168,6 @@ def _copy_graph(artifacts, name: str, directory):
     return directory / f"{name}.onnx"
 
 
-def _quantize_dynamic(path, graph: str) -> None:
-    """The recipe's former implementation (ONNX Runtime's quantize_dynamic, same options), in place."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from acestep_trt.export.quantize import excluded_nodes
-
-    keep = excluded_nodes(onnx.load(str(path), load_external_data=False), graph)
-    with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        out = Path(work) / path.name
-        quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=keep, use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True})
-        for suffix in (".data", ""):
-            if os.path.exists(f"{out}{suffix}"):
-                os.replace(f"{out}{suffix}", f"{path}{suffix}")
-
-
 def _initializers(path) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
@@ -225,14 +204,14 @@ def _assert_same_int8_graph(ours, theirs, feeds: dict) -> None:
 def test_streaming_quantiser_equals_quantize_dynamic_on_the_dit(tiny, tmp_path):
     """The tiny DiT quantised both ways: same graph, bit for bit, and the same outputs at an off-trace shape
     (batch 3, an odd latent length beyond the sliding window); the time-embedding islands stay fp32 MatMuls."""
-    from acestep_trt.export.quantize import quantize_int8
+    from acestep_trt.export.quantize import quantize_int8, quantize_with_ort
     from acestep_trt.export.validate import make_inputs
     from acestep_trt.runtime.artifacts import load_artifacts
 
     ours = _copy_graph(tiny.artifacts, "dit_step", tmp_path / "ours")
     theirs = _copy_graph(tiny.artifacts, "dit_step", tmp_path / "theirs")
     result = quantize_int8(ours, "dit_step")
-    _quantize_dynamic(theirs, "dit_step")
+    quantize_with_ort(theirs, "dit_step")
     artifacts = load_artifacts(tiny.artifacts, verify=False)
     dims = {"batch": 3, "cond_len": 13, "latent_len": 2 * artifacts.config.sliding_window + 5}
     feeds = make_inputs(artifacts.spec("dit_step"), dims, artifacts.config, seed=3)
@@ -290,14 +269,14 @@ def _synthetic_graph(directory, weights: list[np.ndarray], extra: bool = False):
 def test_streaming_quantiser_equals_quantize_dynamic_on_rare_cases(tmp_path):
     """Gemm rewritten and quantised (transposed weight), a Gemm kept fp32 by scope, a shared weight quantised
     once, a zero column (scale 1), a product of activations: as quantize_dynamic, bit for bit."""
-    from acestep_trt.export.quantize import quantize_int8
+    from acestep_trt.export.quantize import quantize_int8, quantize_with_ort
 
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal((16, 16)).astype(np.float32) for _ in range(2)]
     ours = _synthetic_graph(tmp_path / "ours", weights, extra=True)
     theirs = _synthetic_graph(tmp_path / "theirs", weights, extra=True)
     result = quantize_int8(ours, "dit_step")
-    _quantize_dynamic(theirs, "dit_step")
+    quantize_with_ort(theirs, "dit_step")
     _assert_same_int8_graph(ours, theirs, {"x": rng.standard_normal((5, 16)).astype(np.float32)})
     assert result == {"quantized": 5, "kept_fp32": ["emb", "emb_MatMul"]}
     scale = _initializers(ours)["gemm_w_Transposed_scale"]
