@@ -361,14 +361,13 @@ class SnakeSplitGraph:
         self._steps = []
         later = {o.name for o in model.graph.output}
         for step in reversed(steps):  # pieces need to know which of their values later steps read
-            if isinstance(step, list):
+            if isinstance(step, list):  # checks its own inputs and outputs
                 step = self._piece(path, model, step, later, elem)
-            elif isinstance(step, tuple):
-                step = self._upsample(path, model, *step[1:])
+            else:
+                if isinstance(step, tuple):  # ("upsample", node, stride)
+                    step = self._upsample(path, model, *step[1:])
                 if any(elem(name) != FLOAT for name in (*step.inputs, *step.outputs)):
-                    raise _NotSplittable(f"a value of {step.y} is not float32")
-            elif any(elem(name) != FLOAT for name in (*step.inputs, *step.outputs)):
-                raise _NotSplittable(f"a value of {step} is not float32")
+                    raise _NotSplittable(f"a value of {step.outputs[-1]} is not float32")
             later = later | set(step.inputs)
             self._steps.insert(0, step)
         self._uses: dict[str, int] = {name: 1 for name in self._outputs}  # graph outputs are never recycled
