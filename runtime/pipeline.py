@@ -135,12 +135,11 @@ def _open_ort_graph(artifacts: Artifacts, name: str, spec, device: str, threads:
                     split: bool):
     """``name`` on ONNX Runtime; on the CPU with ``split``, the graphs above as their split runners (the whole
     graph where a split does not apply: reduced precision, an export without folded Snakes)."""
-    from .backends.ort import OrtGraph, check_device
+    from .backends.ort import OrtGraph
 
     path, precision = artifacts.graph_path(name), artifacts.precision(name)
     graph_threads = _graph_threads(name, device, threads)
     if split and device == "cpu" and precision in ("fp32", "int8"):
-        check_device(device)
         runner = None
         if name in SPLIT_VAE_GRAPHS and precision == "fp32":
             from .backends.ort_snake import SnakeSplitGraph

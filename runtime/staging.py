@@ -144,8 +144,9 @@ class TargetLock:
 
 
 def _read_holder(fd: int, wait: float = 0.5) -> str:
-    """" (pid N)" of the lock's holder, or "" if it cannot be read. The holder writes its record just after
-    taking the lock, so an empty or half-written file is read again for up to ``wait`` seconds."""
+    """The lock holder's pid as ``" (pid N)"`` for the refusal message, or "" if it cannot be read. The holder
+    writes its record just after taking the lock, so an empty or half-written one is read again for up to
+    ``wait`` seconds."""
     deadline = time.monotonic() + wait
     while True:
         try:

@@ -162,6 +162,21 @@ def test_snake_kernel_matches_the_graph_formula_in_place_and_with_a_residual():
     np.testing.assert_array_equal(res, reference(x + r))
 
 
+def test_snake_step_with_a_broadcasting_residual():
+    """A residual add folded into a Snake that broadcasts (not Oobleck's) sums first, then runs the Snake."""
+    from acestep_trt.runtime.backends.ort_snake import SNAKE_CHUNK, Snake
+
+    rng = np.random.default_rng(1)
+    a, r = rng.standard_normal((2, 3, 50)).astype(np.float32), rng.standard_normal((1, 3, 1)).astype(np.float32)
+    alpha, inv_beta = rng.random(3).astype(np.float32), rng.random(3).astype(np.float32)
+    step = Snake("x", "y", alpha, inv_beta, a="a", residual="r")
+    outs = [np.empty(shape, np.float32) for shape in step.shapes([a.shape, r.shape])]
+    step.compute([a, r], outs, np.empty(SNAKE_CHUNK, np.float32))
+    s = np.sin(alpha[None, :, None] * (a + r))
+    np.testing.assert_array_equal(outs[0], a + r)
+    np.testing.assert_array_equal(outs[1], (a + r) + inv_beta[None, :, None] * (s * s))
+
+
 @pytest.mark.parametrize("name", [VAE_DECODER, VAE_ENCODER])
 def test_split_graph_equals_the_whole_graph(tiny, name):
     """Every Snake leaves ONNX Runtime; the audio (latents) equal the whole graph's up to sin's last bits, at

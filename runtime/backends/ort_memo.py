@@ -59,8 +59,8 @@ class MemoizedInputGraph:
         self.part_runs = 0  # how often the memoised part ran (tests, logs)
 
     @classmethod
-    def open(cls, path: Path, spec: GraphSpec, memo_input: str, threads: int | None = None,
-             arena: bool = False) -> "MemoizedInputGraph | None":
+    def open(cls, path: Path, spec: GraphSpec, memo_input: str,
+             threads: int | None = None) -> "MemoizedInputGraph | None":
         try:
             import onnx
         except ImportError:
@@ -78,8 +78,8 @@ class MemoizedInputGraph:
         rest_inputs, rest_outputs = piece_io(rest, graph_outputs, constants)
         if set(part_outputs) & graph_outputs or set(rest_outputs) != graph_outputs:
             return None  # a graph output made by the part alone: nothing left to save
-        fallback = "split_graphs=False"
-        sessions = [piece_session(path, piece_model(model, nodes, ins, outs, elem, label), threads, arena, fallback)
+        fallback = "split_graphs=False"  # no arena, as for the whole graph (backends/ort.py CPU_ARENA_GRAPHS)
+        sessions = [piece_session(path, piece_model(model, nodes, ins, outs, elem, label), threads, False, fallback)
                     for nodes, ins, outs, label in ((part, (memo_input,), part_outputs, "part"),
                                                     (rest, rest_inputs, tuple(o.name for o in model.graph.output),
                                                      "rest"))]

@@ -96,13 +96,16 @@ class Snake:
         return (self.y,) if self.residual is None else (self.x, self.y)
 
     def shapes(self, shapes):
-        return [shapes[0]] * len(self.outputs)
+        return [np.broadcast_shapes(*shapes)] * len(self.outputs)
 
     def compute(self, ins, outs, scratch) -> None:
         if self.residual is None:
             snake(ins[0], self.alpha, self.inv_beta, outs[0], scratch)
-        else:
+        elif ins[0].shape == ins[1].shape:  # the add in the same chunk loop (Oobleck's residuals)
             snake(ins[0], self.alpha, self.inv_beta, outs[1], scratch, residual=ins[1], summed=outs[0])
+        else:  # a broadcasting add: first the sum, then the Snake over it
+            np.add(ins[0], ins[1], out=outs[0])
+            snake(outs[0], self.alpha, self.inv_beta, outs[1], scratch)
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,7 @@ def find_snakes(graph, constant) -> list[Snake]:
     return snakes
 
 
-def plan_steps(graph, snakes: list[Snake], constants: set[str], dims: dict | None = None) -> list:
+def plan_steps(graph, snakes: list[Snake], constants: set[str], dims: dict) -> list:
     """The graph as steps in execution order: lists of ONNX nodes (run by ONNX Runtime), :class:`Snake` and
     :class:`Add` (NumPy), and ``("upsample", node, stride)`` for the ConvTransposes :class:`Upsample` runs
     (``dims``: initializer name -> dims); an Add whose sum the next step's Snake reads is folded into that
@@ -316,7 +319,7 @@ def plan_steps(graph, snakes: list[Snake], constants: set[str], dims: dict | Non
                 emit(by_add[node.output[0]])
         elif node.op_type == "Add" and len(node.input) == 2 and not set(node.input) & constants:
             emit(Add(node.input[0], node.input[1], node.output[0]))
-        elif dims is not None and _upsample_stride(node, dims) is not None:
+        elif _upsample_stride(node, dims) is not None:
             emit(("upsample", node, _upsample_stride(node, dims)))
         else:
             emit([node])
