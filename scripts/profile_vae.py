@@ -19,12 +19,16 @@ Session options are ONNX Runtime's defaults with ``--threads`` intra-op threads;
 ``--diffusers MODEL_DIR`` adds diffusers' own ``AutoencoderOobleck`` in fp32 and bf16 (torch, ``--threads``
 threads) to the alternation, with each side's audio difference to diffusers fp32 (without it, to the first
 export), and ``--openvino`` OpenVINO's CPU plugin on the first export's file at f32 and bf16 precision
-(``pip install openvino``; not a dependency). ``snake=numpy`` in a variant runs the graph as the runtime does
-by default on the CPU (``runtime/backends/ort_snake.py``: Snakes and residual adds in NumPy between ONNX
-Runtime pieces); its profile is per step (each piece's operators, the Snakes, the adds), in thread CPU time:
+(``pip install openvino``; not a dependency). ``snake=fused`` in a variant runs the graph as the runtime does
+by default on the CPU (``runtime/backends/ort_snake.py``: Snakes and residual adds outside ONNX Runtime, by
+the compiled kernels of ``_vae_kernels.c``, between ONNX Runtime pieces), ``snake=numpy`` the same with the Snakes in
+NumPy (the runtime's path where the kernel is not built; NCHW layout), ``snake=fused,layout=nchw`` the
+compiled kernels with every value NCHW (no NCHWc convolutions); their profile is per step (each piece's
+operators, the Snakes, the adds), in thread CPU time:
 
-    .venv/bin/python scripts/profile_vae.py ART ART --variant-options workers=2,snake=onnx \
-        --variant-options workers=2,snake=numpy --diffusers MODEL_DIR --duration 10 --runs 5
+    .venv/bin/python scripts/profile_vae.py ART ART ART --variant-options workers=2,snake=onnx \
+        --variant-options workers=2,snake=numpy --variant-options workers=2,snake=fused \
+        --diffusers MODEL_DIR --duration 10 --runs 5
 
     .venv/bin/python scripts/profile_vae.py OLD_ART NEW_ART --variant-options workers=1 \
         --variant-options workers=2 --diffusers MODEL_DIR --duration 10 --runs 5
@@ -123,7 +127,7 @@ class SplitSession:
     """The runtime's Snake-split graph (``runtime/backends/ort_snake.py``) behind ``InferenceSession.run``'s
     signature, with its spec read from the ONNX file (so that plain .onnx files work too)."""
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, fused: bool = True, nchwc: bool = True):
         import onnx
 
         from acestep_trt.runtime.backends.ort_snake import SnakeSplitGraph
@@ -136,10 +140,12 @@ class SplitSession:
                                                              v.type.tensor_type.shape.dim)) for v in values)
 
         spec = GraphSpec(path.stem, specs(graph.input), specs(graph.output), Tolerance(0.0, 0.0))
-        self.graph = SnakeSplitGraph.open(path, spec, threads)
+        # the NCHWc layout needs the compiled kernels: NumPy Snakes (fused=False) run NCHW
+        self.graph = SnakeSplitGraph.open(path, spec, threads, None if fused and nchwc else 1)
         if self.graph is None:
             sys.exit(f"{path}: no folded Snakes to run in NumPy (an export made before the fold?)")
         self.outputs = [o.name for o in spec.outputs]
+        self.fused = fused
         self._inputs = [argparse.Namespace(name=t.name, shape=list(t.dims)) for t in spec.inputs]
 
     def get_inputs(self):  # as InferenceSession's (make_feed reads name and shape)
@@ -149,6 +155,20 @@ class SplitSession:
         out = self.graph.run(feed)
         return [out[name] for name in self.outputs]
 
+    def kernel(self, call):
+        """``call`` with this side's Snake kernel: the sides alternate one at a time, so each sets the
+        module's kernel around its whole call (not per graph run: windows run on several threads)."""
+        from acestep_trt.runtime.backends import ort_snake
+
+        def with_kernel():
+            built = ort_snake.NATIVE
+            ort_snake.NATIVE = built if self.fused else None
+            try:
+                return call()
+            finally:
+                ort_snake.NATIVE = built
+        return with_kernel
+
 
 def timed_call(session, graph: str, feed: dict, settings: dict, overlap: int, hop: int):
     """A no-argument callable: one graph run, or the runtime's windowed decode/encode with ``workers``."""
@@ -157,11 +177,14 @@ def timed_call(session, graph: str, feed: dict, settings: dict, overlap: int, ho
     workers = int(settings.get("workers", 1))
     (name, value), = feed.items()
     if workers <= 1 and "window" not in settings:
-        return lambda: session.run(None, feed)
-    window = int(settings.get("window", 256))
-    if graph == "vae_decoder":
-        return lambda: decode_windowed(lambda z: session.run(None, {name: z})[0], value, hop, window, overlap, workers)
-    return lambda: encode_windowed(lambda a: tuple(session.run(None, {name: a})), value, hop, window, overlap, workers)
+        call = lambda: session.run(None, feed)  # noqa: E731
+    elif graph == "vae_decoder":
+        call = lambda: decode_windowed(lambda z: session.run(None, {name: z})[0], value, hop,  # noqa: E731
+                                       int(settings.get("window", 256)), overlap, workers)
+    else:
+        call = lambda: encode_windowed(lambda a: tuple(session.run(None, {name: a})), value, hop,  # noqa: E731
+                                       int(settings.get("window", 256)), overlap, workers)
+    return session.kernel(call) if isinstance(session, SplitSession) else call
 
 
 def step_times(split: SplitSession, feed: dict, runs: int) -> tuple[dict[str, float], dict[str, int]]:
@@ -173,7 +196,8 @@ def step_times(split: SplitSession, feed: dict, runs: int) -> tuple[dict[str, fl
     from acestep_trt.runtime.backends import ort_snake
 
     graph, total, count = split.graph, collections.Counter(), collections.Counter()
-    run_piece, computes = graph._run_piece, {cls: cls.compute for cls in (ort_snake.Snake, ort_snake.Add)}
+    run_piece, computes = graph._run_piece, {cls: cls.compute for cls in (ort_snake.Snake, ort_snake.Add,
+                                                                          ort_snake.Reorder)}
 
     def timed(label, call, *args):
         started = time.thread_time()
@@ -185,17 +209,19 @@ def step_times(split: SplitSession, feed: dict, runs: int) -> tuple[dict[str, fl
     graph._run_piece = lambda i, piece, ins, buffers: timed("+".join(piece.ops), run_piece, i, piece, ins, buffers)
     run_upsample = graph._run_upsample
     graph._run_upsample = lambda step, x, buffers: timed("Upsample (2 Conv)", run_upsample, step, x, buffers)
+    run_blocked = graph._run_blocked_conv
+    graph._run_blocked_conv = lambda step, x, buffers: timed("Conv (NCHWc)", run_blocked, step, x, buffers)
     for cls, compute in computes.items():
         cls.compute = (lambda self, ins, outs, scratch, compute=compute, name=cls.__name__:
                        timed(name + ("+residual" if getattr(self, "residual", None) else ""), compute, self, ins,
                              outs, scratch))
     try:
-        split.run(None, feed)
+        split.kernel(lambda: split.run(None, feed))()
         total.clear(), count.clear()
         for _ in range(runs):
-            split.run(None, feed)
+            split.kernel(lambda: split.run(None, feed))()
     finally:
-        del graph._run_piece, graph._run_upsample
+        del graph._run_piece, graph._run_upsample, graph._run_blocked_conv
         for cls, compute in computes.items():
             cls.compute = compute
     return total, count
@@ -274,7 +300,8 @@ def main() -> None:
     parser.add_argument("--variant-options", action="append", default=[],
                         help="per export, in order: overrides such as opt_level=all,spinning=0,"
                              "execution_mode=parallel, workers=2 (the runtime's parallel windows), window=256, "
-                             "snake=numpy (the runtime's Snake-split graph)")
+                             "snake=fused (the runtime's Snake-split graph, compiled kernels, NCHWc layout where "
+                             "ONNX Runtime has it; layout=nchw keeps NCHW), snake=numpy (NumPy Snakes, NCHW)")
     parser.add_argument("--diffusers", metavar="MODEL_DIR", help="also time diffusers' VAE (fp32, bf16) from MODEL_DIR")
     parser.add_argument("--openvino", action="store_true",
                         help="also time OpenVINO's CPU plugin (f32, bf16) on the first export's graph "
@@ -293,7 +320,9 @@ def main() -> None:
     labels = [f"{i}:{e}" + (f" [{args.variant_options[i]}]" if i < len(args.variant_options) else "")
               for i, e in enumerate(args.exports)]
     paths = [graph_path(e, args.graph) for e in args.exports]
-    sessions = [SplitSession(p, 1 if int(v.get("workers", 1)) > 1 else args.threads) if v.get("snake") == "numpy"
+    sessions = [SplitSession(p, 1 if int(v.get("workers", 1)) > 1 else args.threads, v["snake"] == "fused",
+                             v.get("layout", "nchwc") == "nchwc")
+                if v.get("snake") in ("numpy", "fused")
                 else ort.InferenceSession(str(p), session_options(ort, args, v, None),
                                           providers=["CPUExecutionProvider"])
                 for p, v in zip(paths, variants)]

@@ -84,6 +84,13 @@ def tiny(tmp_path_factory) -> Model:
 
 
 @pytest.fixture(scope="session")
+def wide(tmp_path_factory) -> Model:
+    """``tiny`` with a VAE decoder of 16-32 channels (tiny's: 4-8), multiples of ONNX Runtime's NCHWc block, so
+    that the CPU runtime runs its decoder's convolutions in the blocked layout (runtime/backends/ort_snake.py)."""
+    return _build(tmp_path_factory, "wide", vae_channels=16)
+
+
+@pytest.fixture(scope="session")
 def variant(tmp_path_factory) -> Model:
     return _build(tmp_path_factory, "variant", padding_side="right", encoder_hidden=48, is_turbo=False, seed=1,
                   audio_tokenizer=False)

@@ -52,6 +52,21 @@ def test_long_clip_decoded_in_windows_matches_whole_decode(tiny):
     _compare(tiny, rt, "ambient synth pad", "", 3.7)
 
 
+def test_vae_decoder_in_nchwc_layout_matches_diffusers(wide):
+    """The CPU runtime's decoder with its values in ONNX Runtime's NCHWc layout between pieces (channels
+    multiples of the block): batch 2, an odd length, several windows decoded at once."""
+    from acestep_trt.runtime.backends import ort_snake
+
+    rt = AceStepRuntime.load(wide.artifacts, vae_window=16, threads=2)
+    decoder = rt.runners["vae_decoder"]
+    if ort_snake.NATIVE is not None and ort_snake.nchwc_block() > 1:
+        assert decoder.block == ort_snake.nchwc_block()
+        assert sum(isinstance(s, ort_snake.BlockedConv) for s in decoder._steps) > 10
+    frames = rt.config.latent_length(2.1)
+    assert frames % 2 == 1 and frames > 16 + 2 * window_overlap(rt.artifacts.vae_receptive_field)
+    _compare(wide, rt, ["ambient synth pad", "drum and bass"], ["", "[verse]\nla la"], 2.1)
+
+
 def test_metadata(tiny, runtime):
     _compare(tiny, runtime, "upbeat electronic dance track", "", 1.0, bpm=128, keyscale="A minor",
              timesignature="3")

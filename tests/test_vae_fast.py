@@ -6,6 +6,8 @@ fixture decodes and encodes with parallel windows on the CPU); here: the pieces,
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -137,7 +139,71 @@ def _whole_and_split(model, name):
     return OrtGraph(path, spec, "cpu", 1), SnakeSplitGraph.open(path, spec, 1)
 
 
-def test_snake_kernel_matches_the_graph_formula_in_place_and_with_a_residual():
+@pytest.fixture(params=["compiled", "numpy"])
+def vae_kernels(request, monkeypatch):
+    """Runs a test with the compiled kernels (``_vae_kernels.c``: fused Snake, interleave) and with NumPy."""
+    from acestep_trt.runtime.backends import ort_snake
+
+    if request.param == "numpy":
+        monkeypatch.setattr(ort_snake, "NATIVE", None)
+    elif ort_snake.NATIVE is None:
+        pytest.skip("the compiled VAE kernels are not built here (tested by test_fused_snake_is_built)")
+    return request.param
+
+
+def test_fused_snake_is_built():
+    """On glibc x86-64 with GCC (CI, the README's machines) setup.py builds the kernel with a vectorised sin;
+    a failed build would otherwise only show as a slower decode."""
+    import platform
+    import sysconfig
+
+    from acestep_trt.runtime.backends import ort_snake
+
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc"
+            and "gcc" in (sysconfig.get_config_var("CC") or "")):
+        pytest.skip("the fused kernel vectorises sin with GCC and glibc on x86-64 only")
+    assert ort_snake.NATIVE is not None and ort_snake.NATIVE.VECTORISED
+
+
+def test_compiled_interleave_rejects_what_it_cannot_compute():
+    from acestep_trt.runtime.backends import ort_snake
+
+    if ort_snake.NATIVE is None:
+        pytest.skip("the compiled VAE kernels are not built here")
+    a = np.zeros((1, 6, 10), np.float32)
+    ort_snake.NATIVE.interleave(a, a, np.empty((1, 3, 40), np.float32), 4)
+    with pytest.raises(ValueError, match="s even"):
+        ort_snake.NATIVE.interleave(a, a, np.empty((1, 3, 30), np.float32), 3)
+    with pytest.raises(ValueError, match="s even"):
+        ort_snake.NATIVE.interleave(a, a, np.empty((1, 2, 40), np.float32), 4)
+    with pytest.raises(ValueError, match="overlap"):
+        big = np.zeros(240, np.float32)
+        ort_snake.NATIVE.interleave(big[:60].reshape(1, 6, 10), a, big[:120].reshape(1, 3, 40), 4)
+
+
+def test_fused_snake_rejects_what_it_cannot_compute():
+    from acestep_trt.runtime.backends import ort_snake
+
+    if ort_snake.NATIVE is None:
+        pytest.skip("the fused Snake kernel is not built here")
+    kernel = ort_snake.NATIVE.snake
+    x, c = np.zeros((1, 3, 10), np.float32), np.ones(3, np.float32)
+    with pytest.raises(TypeError, match="float32"):
+        kernel(x.astype(np.float64), c, c, np.empty((1, 3, 10)))
+    with pytest.raises(TypeError, match="C-contiguous"):
+        kernel(np.zeros((1, 10, 3), np.float32).transpose(0, 2, 1), c, c, x)
+    with pytest.raises(ValueError, match="one value per channel"):
+        kernel(x, c[:2], c, np.empty_like(x))
+    with pytest.raises(ValueError, match="shifted"):
+        flat = np.zeros(40, np.float32)
+        kernel(flat[:30].reshape(1, 3, 10), c, c, flat[1:31].reshape(1, 3, 10))
+    with pytest.raises(ValueError, match="together"):
+        kernel(x, c, c, np.empty_like(x), residual=x)
+
+
+def test_snake_kernel_matches_the_graph_formula_in_place_and_with_a_residual(vae_kernels):
+    """NumPy: bitwise the graph's formula; the fused kernel: within sin's few ulp (glibc's vector sinf)."""
+    from acestep_trt.runtime.backends import ort_snake
     from acestep_trt.runtime.backends.ort_snake import SNAKE_CHUNK, snake
 
     rng = np.random.default_rng(0)
@@ -149,20 +215,26 @@ def test_snake_kernel_matches_the_graph_formula_in_place_and_with_a_residual():
         s = np.sin(alpha[None, :, None] * y)
         return y + inv_beta[None, :, None] * (s * s)
 
+    def close(got, want):
+        if vae_kernels == "numpy" or not ort_snake.NATIVE.VECTORISED:
+            np.testing.assert_array_equal(got, want)
+        else:  # |d(y + b s^2)| <= 2 b |s| |ds|: a few float32 ulp of sin, scaled by inv_beta <= 1
+            np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+
     scratch = np.empty(SNAKE_CHUNK, np.float32)
     out = np.empty_like(x)
     snake(x, alpha, inv_beta, out, scratch)
-    np.testing.assert_array_equal(out, reference(x))
+    close(out, reference(x))
     inplace = x.copy()
     snake(inplace, alpha, inv_beta, inplace, scratch)
     np.testing.assert_array_equal(inplace, out)
     a, res, summed = x.copy(), r.copy(), np.empty_like(x)
     snake(a, alpha, inv_beta, res, scratch, residual=res, summed=a)  # both outputs over the inputs
     np.testing.assert_array_equal(a, x + r)
-    np.testing.assert_array_equal(res, reference(x + r))
+    close(res, reference(x + r))
 
 
-def test_snake_step_with_a_broadcasting_residual():
+def test_snake_step_with_a_broadcasting_residual(vae_kernels):
     """A residual add folded into a Snake that broadcasts (not Oobleck's) sums first, then runs the Snake."""
     from acestep_trt.runtime.backends.ort_snake import SNAKE_CHUNK, Snake
 
@@ -174,31 +246,49 @@ def test_snake_step_with_a_broadcasting_residual():
     step.compute([a, r], outs, np.empty(SNAKE_CHUNK, np.float32))
     s = np.sin(alpha[None, :, None] * (a + r))
     np.testing.assert_array_equal(outs[0], a + r)
-    np.testing.assert_array_equal(outs[1], (a + r) + inv_beta[None, :, None] * (s * s))
+    np.testing.assert_allclose(outs[1], (a + r) + inv_beta[None, :, None] * (s * s), rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("model", ["tiny", "wide"])  # wide: a decoder in the NCHWc layout too
 @pytest.mark.parametrize("name", [VAE_DECODER, VAE_ENCODER])
-def test_split_graph_equals_the_whole_graph(tiny, name):
+def test_split_graph_equals_the_whole_graph(request, model, name, vae_kernels):
     """Every Snake leaves ONNX Runtime; the audio (latents) equal the whole graph's up to sin's last bits, at
-    odd lengths and batch 2, call after call (recycled buffers), and from two threads at once."""
+    odd lengths and batch 2, call after call (recycled buffers), and from two threads at once. With the
+    compiled kernels, every convolution whose channels are multiples of the NCHWc block runs blocked."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from acestep_trt.runtime.backends.ort_snake import Add, Piece, Snake, Upsample
+    from acestep_trt.runtime.backends import ort_snake
+    from acestep_trt.runtime.backends.ort_snake import Add, BlockedConv, Piece, Reorder, Snake, Upsample
 
+    tiny = request.getfixturevalue(model)
     whole, split = _whole_and_split(tiny, name)
     graph = onnx.load(str(tiny.artifacts / f"{name}.onnx"), load_external_data=False).graph
+    block = ort_snake.nchwc_block() if vae_kernels == "compiled" else 1
+    assert split.block == block
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    initializers = {t.name: list(t.dims) for t in graph.initializer}
+    blockable = [n for n in convs if all(d % block == 0 for d in initializers[n.input[1]][:2])]
+    blocked = [s for s in split._steps if isinstance(s, BlockedConv)]
+    # the encoder's last convolution shares its piece with the posterior's split (not a piece of its own)
+    assert len(blocked) == (len(blockable) - (name == VAE_ENCODER) if block > 1 else 0)
+    if model == "wide" and block > 1:
+        # all but the convolutions on 2 audio channels (the decoder's output, the encoder's input) and the
+        # encoder's last one (in the posterior's piece)
+        assert len(blocked) == len(convs) - (1 if name == VAE_DECODER else 2)
+        assert all(s.block == block for s in split._steps if isinstance(s, (Snake, Upsample)))
+        assert 0 < sum(isinstance(s, Reorder) for s in split._steps) <= 2  # into the layout and out, once each
     snakes = [s for s in split._steps if isinstance(s, Snake)]
     assert len(snakes) == [n.op_type for n in graph.node].count("Sin") > 0
     assert sum(s.residual is not None for s in snakes) > 0  # residual adds folded into the next Snake
     pieces = [s for s in split._steps if isinstance(s, Piece)]
     ops = {op for piece in pieces for op in piece.ops}
-    assert "Conv" in ops and "Sin" not in ops, ops
+    assert ("Conv" in ops or blocked) and "Sin" not in ops, ops
     constants = {t.name for t in graph.initializer}
     residuals = [n for n in graph.node if n.op_type == "Add" and not set(n.input) & constants
                  and n.output[0] not in {s.y for s in snakes}]  # adds of two activations, not a Snake's own
     assert len(residuals) == sum(isinstance(s, Add) for s in split._steps) + sum(
         s.residual is not None for s in snakes) > 0  # every add of two activations is NumPy's
-    assert all(isinstance(s, (Snake, Add, Piece, Upsample)) for s in split._steps)
+    assert all(isinstance(s, (Snake, Add, Piece, Upsample, BlockedConv, Reorder)) for s in split._steps)
     assert sum(isinstance(s, Upsample) for s in split._steps) == [n.op_type for n in graph.node].count(
         "ConvTranspose") and "ConvTranspose" not in ops  # every upsampling as two convolutions
     key, shapes = (("latents", [(2, 64, 13), (1, 64, 6)]) if name == VAE_DECODER else
@@ -228,15 +318,85 @@ def test_split_graph_equals_the_whole_graph(tiny, name):
     assert split.held_bytes == 0
 
 
+def _compiled_or_skip():
+    from acestep_trt.runtime.backends import ort_snake
+
+    if ort_snake.NATIVE is None:
+        pytest.skip("the compiled VAE kernels are not built here")
+    return ort_snake.NATIVE
+
+
+def _blocked(x: np.ndarray, block: int) -> np.ndarray:
+    """NCHW [B, C, T] -> NCHWc [B, C, 1, T] (memory [B, C/block, T, block]), in NumPy."""
+    b, c, t = x.shape
+    return np.ascontiguousarray(x.reshape(b, c // block, block, t).transpose(0, 1, 3, 2)).reshape(b, c, 1, t)
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_blocked_kernels_equal_nchw_ones(block):
+    """Reorder both ways, Snake (with and without residual) and the upsampling's interleave in the NCHWc
+    layout give the NCHW results in blocked memory, at a length that is not a multiple of the runs."""
+    kernels = _compiled_or_skip()
+    rng = np.random.default_rng(block)
+    x = (rng.standard_normal((2, 2 * block, 777)) * 3).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    xb = np.empty((2, 2 * block, 1, 777), np.float32)
+    kernels.reorder(x, xb, block, True)
+    np.testing.assert_array_equal(xb, _blocked(x, block))
+    back = np.empty_like(x)
+    kernels.reorder(xb, back, block, False)
+    np.testing.assert_array_equal(back, x)
+    alpha, inv_beta = (rng.random(2 * block) * 4).astype(np.float32), rng.random(2 * block).astype(np.float32)
+    want, got = np.empty_like(x), np.empty_like(xb)
+    kernels.snake(x, alpha, inv_beta, want)
+    kernels.snake(xb, alpha, inv_beta, got, block=block)
+    # a block of 8 runs the 8-wide vector sinf, NCHW rows the 16-wide one: their last bits differ
+    np.testing.assert_allclose(got, _blocked(want, block), rtol=2e-6, atol=2e-6)
+    summed, got_sum = np.empty_like(x), np.empty_like(xb)
+    kernels.snake(x, alpha, inv_beta, want, r, summed)
+    kernels.snake(xb, alpha, inv_beta, got, _blocked(r, block), got_sum, block=block)
+    np.testing.assert_allclose(got, _blocked(want, block), rtol=2e-6, atol=2e-6)
+    np.testing.assert_array_equal(got_sum, _blocked(summed, block))
+    stride, cout = 6, block
+    a = rng.standard_normal((2, cout * stride // 2, 777)).astype(np.float32)
+    b = rng.standard_normal(a.shape).astype(np.float32)
+    want = np.empty((2, cout, 777 * stride), np.float32)
+    kernels.interleave(a, b, want, stride)
+    got = np.empty((2, cout, 1, 777 * stride), np.float32)
+    kernels.interleave(_blocked(a, block), _blocked(b, block), got, stride, block)
+    np.testing.assert_array_equal(got, _blocked(want, block))
+    with pytest.raises(ValueError, match="multiple of block"):
+        kernels.reorder(x[:, :block - 1].copy(), np.empty((2, block - 1, 1, 777), np.float32), block, True)
+
+
+def test_nchwc_probe_checks_the_filter_layout(monkeypatch):
+    """The block comes from ONNX Runtime's own NCHWc rewrite of a probe convolution (16 on AVX-512 CPUs); a
+    filter layout of ours that does not match what ONNX Runtime writes turns the blocked layout off."""
+    from acestep_trt.runtime.backends import ort_snake
+
+    block = ort_snake.nchwc_block()
+    assert block in (1, 8, 16)
+    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
+    if " avx512f" in flags:
+        assert block == 16
+    monkeypatch.setattr(ort_snake, "blocked_filter", lambda weight, block: weight.reshape(*weight.shape[:2], 1, -1))
+    ort_snake.nchwc_block.cache_clear()
+    try:
+        assert ort_snake.nchwc_block() == 1
+    finally:
+        ort_snake.nchwc_block.cache_clear()
+
+
 @pytest.mark.parametrize("stride", [2, 4, 6, 10])  # the Oobleck decoder's upsampling ratios
-def test_upsample_as_two_convolutions_equals_conv_transpose(stride):
+@pytest.mark.parametrize("length", [37, 2100])  # odd; over two of the compiled interleave's blocks
+def test_upsample_as_two_convolutions_equals_conv_transpose(stride, length, vae_kernels):
     """Oobleck's ConvTranspose1d (kernel 2s, padding s/2) as the two phase convolutions of ``Upsample``
-    (torch runs them here), interleaved, at an odd length and batch 2."""
+    (torch runs them here), interleaved, at odd lengths and batch 2."""
     from acestep_trt.runtime.backends.ort_snake import Upsample, upsample_weights
 
     torch.manual_seed(stride)
     conv = torch.nn.ConvTranspose1d(6, 5, 2 * stride, stride, padding=stride // 2)
-    x = torch.randn(2, 6, 37)
+    x = torch.randn(2, 6, length)
     weight, bias = conv.weight.detach().numpy(), conv.bias.detach().numpy()
     wa, wb, shared = upsample_weights(weight, bias, stride)
     with torch.no_grad():

@@ -54,13 +54,32 @@ def piece_model(model, nodes, inputs, outputs, elem: Callable[[str], int], name:
         opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
-def piece_session(path: Path, piece, threads: int | None, arena: bool, fallback: str):
+def memory_initializer(name: str, array):
+    """An initializer record whose data ONNX Runtime takes from memory (``piece_session``'s
+    ``initializers``): an external-data reference that is never read, so no copy goes into the model."""
+    from onnx import TensorProto
+
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape),
+                         data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", f"{name}.in-memory"), ("offset", "0"), ("length", str(array.nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+def piece_session(path: Path, piece, threads: int | None, arena: bool, fallback: str,
+                  initializers: dict | None = None):
     """An ONNX Runtime CPU session over ``piece`` (a ModelProto of a part of the graph file ``path``).
 
     ``fallback``: the load option that runs the graph whole instead, named in the error's remedy.
+    ``initializers``: name -> float32 array for the piece's external-data initializers that are not in the
+    data file (rearranged weights, see :func:`memory_initializer`); ONNX Runtime copies them in, so the
+    arrays may be dropped once the session exists.
     """
     ort = _import_ort()
     options = ort.SessionOptions()
+    if initializers:
+        options.add_external_initializers(list(initializers),
+                                          [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()])
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
