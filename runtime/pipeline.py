@@ -115,8 +115,9 @@ def check_arguments(duration, steps=8, shift=3.0, guidance=1.0, task_type="text2
 
 
 # ONNX Runtime graphs opened at their first use (backends/ort.py, DeferredGraph): only cover of source audio
-# and audio codes run them, and they hold 0.8 GiB at full size
-DEFERRED_GRAPHS = (AUDIO_TOKENIZER, AUDIO_DETOKENIZER)
+# and audio codes run the tokenizer pair (0.8 GiB at full size), only source and reference audio the VAE
+# encoder (0.34 GB; on the CPU its NCHWc weights are rearranged into memory at load, ort_snake.py)
+DEFERRED_GRAPHS = (AUDIO_TOKENIZER, AUDIO_DETOKENIZER, VAE_ENCODER)
 
 
 def _graph_threads(name: str, device: str, threads: int | None) -> int | None:
@@ -234,6 +235,11 @@ class AceStepRuntime:
                 runtime.vae_workers[name] = cpu_workers(threads)
         artifacts.check_unchanged()  # every file opened is the one verified (no re-export in between)
         return runtime
+
+    def _first_use_graphs(self, task) -> tuple[str, ...]:
+        """The graphs ``task`` runs that may be opened at their first use (DEFERRED_GRAPHS)."""
+        encodes = task_lib.encoded_samples(task, self.sample_rate) > 0
+        return task_lib.tokenizer_graphs(task) + ((VAE_ENCODER,) if encodes else ())
 
     @property
     def sample_rate(self) -> int:
@@ -489,7 +495,7 @@ class AceStepRuntime:
         lim.check_call(self, batch, audio_duration, guidance_scale > 1.0 and not self.config.is_turbo,
                        max_text_length, max_lyric_length,  # batch, duration and peak memory before any work
                        task_lib.encoded_samples(task, self.sample_rate),  # + weights of graphs opened at first use:
-                       sum(getattr(self.runners[n], "pending_bytes", 0) for n in task_lib.tokenizer_graphs(task)))
+                       sum(getattr(self.runners[n], "pending_bytes", 0) for n in self._first_use_graphs(task)))
         scale = lora_scale(attention_kwargs)  # the LoRA scale of this call (diffusers' apply_lora_scale)
         noise, seeds = self._initial_latents(latents, seed, batch, frames)  # refuse bad latents before any work
         guided = guidance_scale > 1.0 and not self.config.is_turbo

@@ -145,3 +145,28 @@ def test_a_graph_opened_late_refuses_a_replaced_directory(tiny, tmp_path):
     os.replace(path.with_suffix(".new"), path)  # same bytes, another file: what a re-export leaves
     with pytest.raises(ArtifactError, match="replaced"):
         rt(prompt="piano", audio_codes=CODES, seed=0, show_progress=None)
+
+
+def test_vae_encoder_is_opened_at_first_use(tiny, tmp_path, monkeypatch):
+    """text2music never opens the VAE encoder (on the CPU its rearranged NCHWc weights live in memory, 0.34 GB
+    at full size); a repaint of source audio counts its weights in the memory check first and opens it."""
+    from acestep_trt.runtime import limits
+    from acestep_trt.runtime.backends.ort import DeferredGraph
+    from acestep_trt.runtime.backends.ort_snake import SnakeSplitGraph
+    from acestep_trt.runtime.specs import VAE_ENCODER
+
+    rt, root = _fresh(tiny, tmp_path)
+    encoder = rt.runners[VAE_ENCODER].wrapped
+    assert isinstance(encoder, DeferredGraph) and not encoder.loaded
+    seen = []
+    monkeypatch.setattr(limits, "check_memory", lambda estimate, *a: seen.append(estimate))
+    rt(prompt="piano", audio_duration=1.0, seed=0, show_progress=None)
+    assert not encoder.loaded and seen[-1].weights == 0
+    graph = root / "vae_encoder.onnx"
+    size = graph.stat().st_size + graph.with_name(graph.name + ".data").stat().st_size
+    source = 0.1 * np.random.default_rng(0).standard_normal((2, rt.sample_rate)).astype(np.float32)
+    rt._memory_proven = None
+    rt(prompt="piano", src_audio=source, task_type="repaint", repainting_start=0.2, repainting_end=0.6, seed=0,
+       show_progress=None)
+    assert seen[-1].weights == size and encoder.loaded
+    assert isinstance(encoder._graph, SnakeSplitGraph)  # the CPU split runner, once opened

@@ -228,7 +228,7 @@ def test_snake_kernel_matches_the_graph_formula_in_place_and_with_a_residual(vae
     inplace = x.copy()
     snake(inplace, alpha, inv_beta, inplace, scratch)
     np.testing.assert_array_equal(inplace, out)
-    a, res, summed = x.copy(), r.copy(), np.empty_like(x)
+    a, res = x.copy(), r.copy()
     snake(a, alpha, inv_beta, res, scratch, residual=res, summed=a)  # both outputs over the inputs
     np.testing.assert_array_equal(a, x + r)
     close(res, reference(x + r))

@@ -165,8 +165,20 @@ class Add:
         np.add(ins[0], ins[1], out=outs[0])
 
 
+class _OneToOne:
+    """A step that reads value ``x`` and writes value ``y``."""
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.x,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.y,)
+
+
 @dataclass(frozen=True)
-class Upsample:
+class Upsample(_OneToOne):
     """A 1-D ConvTranspose with stride s (even), kernel 2s and padding s/2, the Oobleck decoder's upsampling,
     as two kernel-2 convolutions over its input, one per half of the output phases, interleaved afterwards.
 
@@ -185,14 +197,6 @@ class Upsample:
     stride: int
     channels: int  # Cout
     block: int = 1
-
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return (self.x,)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return (self.y,)
 
     def halves_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (shape[0], self.channels * (self.stride // 2), *shape[2:])
@@ -345,7 +349,7 @@ def nchwc_block() -> int:
 
 
 @dataclass(frozen=True)
-class BlockedConv:
+class BlockedConv(_OneToOne):
     """A 1-D convolution (group 1, channels multiples of ``block``) as ONNX Runtime's NCHWc convolution:
     input and output [B, C, 1, T] in the blocked layout, so that no reorder runs around it. Measured here
     (Intel Xeon, AMX; one thread): 1.3-1.7x faster than the NCHW convolution for kernel 7 at 32-256 channels."""
@@ -359,35 +363,19 @@ class BlockedConv:
     stride: int
     pads: tuple[int, int]
 
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return (self.x,)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return (self.y,)
-
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         span = self.dilation * (self.kernel - 1) + 1
         return (shape[0], self.channels, 1, (shape[3] + sum(self.pads) - span) // self.stride + 1)
 
 
 @dataclass(frozen=True)
-class Reorder:
+class Reorder(_OneToOne):
     """``y`` = ``x`` in the other layout: NCHW [B, C, T] <-> NCHWc [B, C, 1, T] (compiled kernel)."""
 
     x: str
     y: str
     block: int
     to_blocked: bool
-
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return (self.x,)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return (self.y,)
 
     def shapes(self, shapes):
         (b, c, *_, t), = shapes
@@ -399,7 +387,7 @@ class Reorder:
 
 def _blockable_conv(nodes: list, dims: dict, block: int):
     """The one Conv node of a piece that :class:`BlockedConv` can run, else None: 1-D, group 1, weight (and
-    bias) initializers, explicit pads, input and output channels multiples of ``block``."""
+    bias) initializers, no auto_pad, input and output channels multiples of ``block``."""
     if len(nodes) != 1 or nodes[0].op_type != "Conv" or len(nodes[0].input) < 2:
         return None
     node = nodes[0]
@@ -704,7 +692,7 @@ class SnakeSplitGraph:
     def _upsample(self, path: Path, model, node, stride: int, block: int, x: str) -> Upsample:
         """The two convolutions of an :class:`Upsample` in one session, weights rearranged from the node's
         (``block`` > 1: NCHWc convolutions over the blocked value ``x``)."""
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import helper
 
         weight = _initializer(model, path, node.input[1])
         bias = _initializer(model, path, node.input[2]) if len(node.input) > 2 and node.input[2] else None
