@@ -236,11 +236,6 @@ class AceStepRuntime:
         artifacts.check_unchanged()  # every file opened is the one verified (no re-export in between)
         return runtime
 
-    def _first_use_graphs(self, task) -> tuple[str, ...]:
-        """The graphs ``task`` runs that may be opened at their first use (DEFERRED_GRAPHS)."""
-        encodes = task_lib.encoded_samples(task, self.sample_rate) > 0
-        return task_lib.tokenizer_graphs(task) + ((VAE_ENCODER,) if encodes else ())
-
     @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
@@ -495,7 +490,7 @@ class AceStepRuntime:
         lim.check_call(self, batch, audio_duration, guidance_scale > 1.0 and not self.config.is_turbo,
                        max_text_length, max_lyric_length,  # batch, duration and peak memory before any work
                        task_lib.encoded_samples(task, self.sample_rate),  # + weights of graphs opened at first use:
-                       sum(getattr(self.runners[n], "pending_bytes", 0) for n in self._first_use_graphs(task)))
+                       sum(getattr(self.runners[n], "pending_bytes", 0) for n in task_lib.audio_graphs(task)))
         scale = lora_scale(attention_kwargs)  # the LoRA scale of this call (diffusers' apply_lora_scale)
         noise, seeds = self._initial_latents(latents, seed, batch, frames)  # refuse bad latents before any work
         guided = guidance_scale > 1.0 and not self.config.is_turbo

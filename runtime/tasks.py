@@ -281,14 +281,16 @@ class TaskInputs:
         return self.task_type == "cover" and self.cover_strength < 1.0
 
 
-def tokenizer_graphs(task: TaskInputs) -> tuple[str, ...]:
-    """The audio tokenizer graphs ``task`` runs: the detokenizer for audio codes, both for a cover of source
-    audio (:func:`source_latents`), none otherwise."""
+def audio_graphs(task: TaskInputs) -> tuple[str, ...]:
+    """The audio-side graphs ``task`` runs (those a runtime opens at their first use): the VAE encoder for
+    source or reference audio, and of the audio tokenizer graphs the detokenizer for audio codes, both for a
+    cover of source audio (:func:`source_latents`)."""
+    encoder = (VAE_ENCODER,) if task.src is not None or task.reference is not None else ()
     if task.codes is not None:
-        return (AUDIO_DETOKENIZER,)
+        return encoder + (AUDIO_DETOKENIZER,)
     if task.src is not None and task.task_type == "cover":
-        return (AUDIO_TOKENIZER, AUDIO_DETOKENIZER)
-    return ()
+        return encoder + (AUDIO_TOKENIZER, AUDIO_DETOKENIZER)
+    return encoder
 
 
 def require_graphs(artifacts, names: tuple[str, ...], why: str) -> None:

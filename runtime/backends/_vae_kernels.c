@@ -16,10 +16,10 @@
  * keeps its NumPy path, which is faster than a scalar sinf loop.
  *
  * interleave: the phases of the decoder's upsampling (two convolutions, ort_snake.Upsample) into the output
- * samples, in runs that stay in the cache (NumPy's strided copy: 4x the time at stride 2).
+ * samples, in runs that stay in the cache (NumPy's strided copy: 1.3-3.7x the time at the decoder's shapes).
  *
  * reorder: NCHW <-> ONNX Runtime's NCHWc layout (channels in blocks of 8 or 16 innermost), in which its
- * convolutions run 1.3-1.7x faster here (ort_snake.py keeps the decoder's values in it between pieces).
+ * convolutions run 1.2-1.8x faster here (ort_snake.py keeps the decoder's values in it between pieces).
  *
  * Built by setup.py as an optional extension: if it does not compile, the package installs without it.
  */

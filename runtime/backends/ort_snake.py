@@ -14,7 +14,7 @@ its adds of two computed tensors; everything else (the convolutions) runs in ONN
 same nodes, whose initializers are read from the graph's own data file (nothing is written into a graph).
 With the compiled kernels, the values between pieces stay in ONNX Runtime's NCHWc layout (channels in blocks
 of 16 innermost on AVX-512 CPUs) and every convolution whose channels fit runs as ONNX Runtime's NCHWc
-convolution (:func:`plan_layouts`, :class:`BlockedConv`; weights rearranged at load): 1.3-1.7x faster than
+convolution (:func:`plan_layouts`, :class:`BlockedConv`; weights rearranged at load): 1.2-1.8x faster than
 its NCHW convolution, without the reorders that its own layout pass wraps around every piece. The audio equals
 the whole graph's up to the last bits of ``sin``. Every value between pieces is written into a buffer of the
 call (ONNX Runtime's IO binding), recycled as soon as its last reader has run, so a window allocates each
@@ -207,7 +207,7 @@ class Upsample(_OneToOne):
     def interleave(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
         """a, b [B, Cout * s/2, T] (channel ``(r mod s/2) * Cout + co``) -> out [B, Cout, T * s] (sample
         ``q * s + r``); NCHWc with ``block`` > 1 (compiled kernels only)."""
-        if NATIVE is not None:  # runs in the cache: NumPy's strided copy is 4x slower at stride 2
+        if NATIVE is not None:  # runs in the cache: NumPy's strided copy takes 1.3-3.7x as long here
             NATIVE.interleave(a, b, out, self.stride, self.block)
             return
         if self.block > 1:
@@ -352,7 +352,7 @@ def nchwc_block() -> int:
 class BlockedConv(_OneToOne):
     """A 1-D convolution (group 1, channels multiples of ``block``) as ONNX Runtime's NCHWc convolution:
     input and output [B, C, 1, T] in the blocked layout, so that no reorder runs around it. Measured here
-    (Intel Xeon, AMX; one thread): 1.3-1.7x faster than the NCHW convolution for kernel 7 at 32-256 channels."""
+    (Intel Xeon, AMX; one thread): 1.2-1.8x faster than the NCHW convolution for kernel 7 at 32-256 channels."""
 
     session: object  # "x" -> "y"
     x: str
@@ -402,11 +402,23 @@ def _blockable_conv(nodes: list, dims: dict, block: int):
     return node if weight[0] % block == 0 and weight[1] % block == 0 else None
 
 
-def _conv_geometry(node, dims: dict) -> tuple[int, int, int, tuple[int, int]]:
-    """(kernel, dilation, stride, pads) of a 1-D Conv node."""
+def _conv_geometry(node, kernel: int) -> tuple[int, int, int, tuple[int, int]]:
+    """(kernel, dilation, stride, pads) of a 1-D Conv node; ``kernel``: its weight's, if no attribute says."""
     attrs = {a.name: list(a.ints) for a in node.attribute}
-    return (attrs.get("kernel_shape", [dims[node.input[1]][2]])[0], attrs.get("dilations", [1])[0],
+    return (attrs.get("kernel_shape", [kernel])[0], attrs.get("dilations", [1])[0],
             attrs.get("strides", [1])[0], tuple(attrs.get("pads", [0, 0])))
+
+
+LAYOUT_MARK = "@nchw"  # a Reorder step's copy of value NAME is NAME@nchw (NCHW) or NAME@nchwc16 (NCHWc, block 16)
+
+
+def _layout_alias(name: str, block: int) -> str:
+    return f"{name}{LAYOUT_MARK}c{block}" if block > 1 else f"{name}{LAYOUT_MARK}"
+
+
+def _unaliased(name: str) -> str:
+    """The graph's own name of a value (the value itself, or the value a Reorder step copied)."""
+    return name.split(LAYOUT_MARK)[0]
 
 
 def plan_layouts(steps: list, block: int, dims: dict, outputs: set[str]) -> list:
@@ -431,7 +443,7 @@ def plan_layouts(steps: list, block: int, dims: dict, outputs: set[str]) -> list
         if layout.get(name, 1) == want:
             return name
         if (name, want) not in alias:
-            alias[name, want] = f"{name}@nchwc{want}" if want > 1 else f"{name}@nchw"
+            alias[name, want] = _layout_alias(name, want)
             planned.append(Reorder(name, alias[name, want], block, to_blocked=want > 1))
             layout[alias[name, want]] = want
         return alias[name, want]
@@ -573,12 +585,13 @@ def plan_steps(graph, snakes: list[Snake], constants: set[str], dims: dict) -> l
     return steps
 
 
-def _initializer(model, path: Path, name: str) -> np.ndarray:
-    """One initializer of ``model`` as an array (read straight from the graph's data file if stored there)."""
+def _initializer(tensor, path: Path) -> np.ndarray:
+    """An initializer (TensorProto) of the graph file ``path`` as an array (read straight from the graph's data
+    file if stored there)."""
     import onnx
     from onnx import helper, numpy_helper
 
-    tensor = next(t for t in model.graph.initializer if t.name == name)
+    name = tensor.name
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(tensor)
     info = {entry.key: entry.value for entry in tensor.external_data}
@@ -610,6 +623,7 @@ class SnakeSplitGraph:
 
     def __init__(self, path: Path, spec: GraphSpec, model, steps: list, elem, threads: int | None = 1,
                  block: int = 1):
+        """``steps``: :func:`plan_layouts`'s, for ``block``."""
         self.spec, self.name, self.device = spec, spec.name, "cpu"
         self.providers = ["CPUExecutionProvider"]
         self._outputs = [o.name for o in spec.outputs]
@@ -618,11 +632,11 @@ class SnakeSplitGraph:
         self._idle: list[_Buffers] = []  # buffers of finished runs, for the next ones
         self._lock = threading.Lock()
         self.block = block  # NCHWc block of the values between pieces (1: NCHW; plan_layouts)
+        self._initializers = {t.name: t for t in model.graph.initializer}
         self._steps = []
         later = {o.name for o in model.graph.output}
-        elem = functools.partial(lambda types, name: types(name.split("@nchw")[0]), elem)  # Reorder's names
-        for step in reversed(plan_layouts(steps, block, {t.name: list(t.dims) for t in model.graph.initializer},
-                                          later)):  # pieces need to know which of their values later steps read
+        elem = functools.partial(lambda types, name: types(_unaliased(name)), elem)  # Reorder steps' copies too
+        for step in reversed(steps):  # pieces need to know which of their values later steps read
             if isinstance(step, list):  # checks its own inputs and outputs
                 step = self._piece(path, model, step, later, elem)
             else:
@@ -659,7 +673,7 @@ class SnakeSplitGraph:
             tensor = initializers.get(name)
             if tensor is None or len(tensor.dims) != 3 or tensor.dims[0] != 1 or tensor.dims[2] != 1:
                 return None
-            return _initializer(model, path, name)
+            return _initializer(tensor, path)
 
         snakes = find_snakes(model.graph, constant)
         if not snakes:  # an export made before the Snakes were folded (export/graphs/vae_blocks.py)
@@ -669,8 +683,9 @@ class SnakeSplitGraph:
             dims = {name: list(t.dims) for name, t in initializers.items()}
             if block is None:
                 block = nchwc_block() if NATIVE is not None else 1
-            graph = cls(path, spec, model, plan_steps(model.graph, snakes, set(initializers), dims),
-                        element_types(model), threads, block)
+            steps = plan_layouts(plan_steps(model.graph, snakes, set(initializers), dims), block, dims,
+                                 {o.name for o in model.graph.output})
+            graph = cls(path, spec, model, steps, element_types(model), threads, block)
         except _NotSplittable as why:
             log.debug("%s: %s; ONNX Runtime runs the whole graph", spec.name, why)
             return None
@@ -681,7 +696,7 @@ class SnakeSplitGraph:
 
     def _piece(self, path: Path, model, nodes, later: set[str], elem) -> Piece:
         """An ONNX Runtime session over ``nodes`` of ``model``; ``later``: values read after it."""
-        inputs, outputs = piece_io(nodes, later, {t.name for t in model.graph.initializer})
+        inputs, outputs = piece_io(nodes, later, set(self._initializers))
         if any(elem(name) != FLOAT for name in (*inputs, *outputs)):
             raise _NotSplittable(f"a value between pieces of {path.name} is not float32")
         piece = piece_model(model, nodes, inputs, outputs, elem)
@@ -694,8 +709,8 @@ class SnakeSplitGraph:
         (``block`` > 1: NCHWc convolutions over the blocked value ``x``)."""
         from onnx import helper
 
-        weight = _initializer(model, path, node.input[1])
-        bias = _initializer(model, path, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        weight = self._weight(path, node.input[1])
+        bias = self._weight(path, node.input[2]) if len(node.input) > 2 and node.input[2] else None
         a, b, shared = upsample_weights(weight, bias, stride)
         if block > 1:
             nodes = [_conv_2d(half, "x", half, f"w{half}", "bias", 2, 1, 1, pads, NCHWC_DOMAIN)
@@ -710,16 +725,19 @@ class SnakeSplitGraph:
 
     def _blocked_conv(self, path: Path, model, node, x: str) -> BlockedConv:
         """One 1-D convolution of the graph as an NCHWc convolution of ONNX Runtime over blocked ``x``."""
-        dims = {t.name: list(t.dims) for t in model.graph.initializer if t.name in node.input}
-        kernel, dilation, stride, pads = _conv_geometry(node, dims)
+        weight = self._weight(path, node.input[1])
+        kernel, dilation, stride, pads = _conv_geometry(node, weight.shape[2])
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        weights = {"w": blocked_filter(_initializer(model, path, node.input[1]), self.block)}
+        weights = {"w": blocked_filter(weight, self.block)}
         if bias:
-            weights["bias"] = np.ascontiguousarray(_initializer(model, path, bias), np.float32)
+            weights["bias"] = np.ascontiguousarray(self._weight(path, bias), np.float32)
         conv = _conv_2d(node.name or "conv", "x", "y", "w", "bias" if bias else None, kernel, dilation, stride,
                         pads, NCHWC_DOMAIN)
         session = self._weights_session(path, model, [conv], f"{node.name}_nchwc", ("y",), weights)
-        return BlockedConv(session, x, node.output[0], dims[node.input[1]][0], kernel, dilation, stride, pads)
+        return BlockedConv(session, x, node.output[0], weight.shape[0], kernel, dilation, stride, pads)
+
+    def _weight(self, path: Path, name: str) -> np.ndarray:
+        return _initializer(self._initializers[name], path)
 
     def _weights_session(self, path: Path, model, nodes: list, name: str, outputs: tuple[str, ...],
                          weights: dict[str, np.ndarray]):
